@@ -1,0 +1,94 @@
+"""Convert an official GRN checkpoint (or any file our loaders read) into one self-describing safetensors file.
+
+    python -m grn_core.convert SRC DST.safetensors [--dtype bf16|fp16|fp32|fp8_e4m3fn|fp8_e5m2] [--layout joint|prefix]
+
+The output carries the config, kind, layout and tasks in its metadata, so it loads later with no flags.
+fp8 applies to the weight matrices of linear and conv layers only; norms, biases and embedding tables keep 16 bits,
+because they are small and their precision matters more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint_files import CheckpointError, read_checkpoint
+from .checkpoints import (
+    FP8_DTYPES,
+    KINDS,
+    _check_keys,
+    _kind_of,
+    _layout_for,
+    _model_api,
+    _resolve_config,
+    checkpoint_metadata,
+    parse_dtype,
+    save_checkpoint,
+    tasks_of,
+)
+
+_EMBEDDING_TABLES = ("token_embedding.weight", "y_embedder.embedding_table.weight", "pos_embed", "in_context_posemb")
+
+
+def cast_for_storage(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The stored form of one tensor: integers untouched, floats to ``dtype``; fp8 only for weight matrices."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    if dtype in FP8_DTYPES:
+        is_matrix = tensor.ndim >= 2 and name.endswith(".weight") and not name.endswith(_EMBEDDING_TABLES)
+        return tensor.to(dtype if is_matrix else torch.bfloat16)
+    return tensor.to(dtype)
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
+            layout: str | None = None, in_context_start: int | None = None) -> Path:
+    """Read ``src``, validate it against its network, and write ``dst`` (.safetensors) with full metadata."""
+    dst = Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise ValueError(f"{dst}: the output must be a .safetensors file.")
+    storage = parse_dtype(dtype)
+    raw = read_checkpoint(src, ("ema", "vae", "model_ema1", "model"))
+    kind = _kind_of(raw)
+    overrides: dict = {}
+    resolved_layout = None
+    if kind == "refiner":
+        resolved_layout = _layout_for(raw, layout)
+        overrides["layout"] = resolved_layout
+    if kind == "c2i":
+        overrides["in_context_start"] = in_context_start
+    config = _resolve_config(raw, kind, overrides)
+    model_class, _, _ = _model_api(kind)
+    with torch.device("meta"):
+        network = model_class(config)
+    _check_keys(raw, kind, network)
+    tensors = {k: cast_for_storage(k, raw.tensors[k], storage) for k in network.state_dict()}
+    meta = checkpoint_metadata(kind, config, resolved_layout, tasks_of(raw, kind), source=Path(src).name)
+    return save_checkpoint(tensors, dst, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grn_core.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="official .pth/.ckpt/.pt or a .safetensors file")
+    parser.add_argument("dst", help="output .safetensors file")
+    parser.add_argument("--dtype", default=None, help="storage dtype: bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 "
+                                                      "(default: keep the source's)")
+    parser.add_argument("--layout", choices=["joint", "prefix"], default=None,
+                        help="refiner attention layout, when neither the file nor its name tells")
+    parser.add_argument("--in-context-start", type=int, default=None,
+                        help="class-to-image: first block with in-context class tokens, when no preset matches")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, args.dtype, args.layout, args.in_context_start)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size_mb = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size_mb:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
