@@ -1,0 +1,617 @@
+"""The GRN_bit refiner: a pre-norm transformer that predicts every bit of the HBQ bit map from a partly-random one.
+
+One refinement step, per guidance branch (cond / uncond), for a bit map ``x`` ``[B, M*d, t, h, w]``:
+
+    tokens   = [ word_embed(one_hot(x)) | word_embed(one_hot(x_first)) (I2V) | text_proj(text) | step_emb(r) ]
+    tokens   = Block_L( ... Block_1(tokens) )          Block: x += Attn(RMS(x)); x += SwiGLU(RMS(x))
+    logits   = head.proj(RMS(tokens[visual]))          -> [B, t, h, w, M*d, 2]
+
+Attention is GQA with QK-norm (RMS over head_dim) and 3-D RoPE (see ``rope.py``). Two checkpoint generations share the
+weights but not the attention pattern (``RefinerConfig.layout``):
+
+- ``joint``: the whole branch sequence above attends to itself (the text is re-run every step);
+- ``prefix``: the text runs alone once (``prepare_text``) and its per-layer K/V are cached; each step runs only
+  ``[visual | step token]``, attending to ``[text K/V ; own K/V]``.
+
+Execution is pad-free: all tokens of all samples and branches are packed into one ``[N, width]`` matrix so every
+Linear is a single large matmul, and attention runs per branch sequence with ``scaled_dot_product_attention`` — runs
+of consecutive sequences of equal length (the usual case: one prompt for the whole batch) go in one batched call, as
+zero-copy views of the packed tensors; per-sample prompts of different lengths fall back to one call per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import RMSNorm, compute_dtype
+from .buckets import aspect_template
+from .config import RefinerConfig
+from .rope import TEXT_MAX_TOKENS, apply_rope, rope_table, step_positions, text_positions, visual_positions
+
+__all__ = ["GRNRefiner", "TextContext"]
+
+TextInput = Union[torch.Tensor, Sequence[torch.Tensor], "TextContext"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers (attribute names are the official state-dict keys)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)`` (+ ``residual``) on 2-D ``x``; the matmul runs in the weight dtype.
+
+    When the residual has the weight dtype (float32 / float64 models) the add is folded into the matmul
+    (``addmm``: one BLAS call, no extra pass over the activations).
+    """
+    weight = layer.weight
+    inp = x if x.dtype == weight.dtype else x.to(weight.dtype)
+    if residual is not None and residual.dtype == weight.dtype and layer.bias is None:
+        return torch.addmm(residual, inp, weight.t())
+    out = F.linear(inp, weight, layer.bias)
+    if residual is not None:
+        return residual + out.to(residual.dtype)
+    return out
+
+
+def _rms_norm(x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim, returned in the compute dtype.
+
+    Same maths as :class:`grn_core.nn.RMSNorm`, with the mean square taken by one reduction (``vector_norm``) and the
+    scaling done in place: 3 passes over ``x`` instead of 5, which matters on CPU where these run once per norm per
+    layer on every token. ``weight`` overrides ``norm.weight`` (a joint q/k weight, see ``_qkv``).
+    """
+    work = compute_dtype(x.dtype)
+    h = x.to(work)
+    inv = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(h.shape[-1]).add_(norm.eps).rsqrt_()
+    return torch.mul(h, inv).mul_((norm.weight if weight is None else weight).to(work))
+
+
+class SelfAttention(nn.Module):
+    """Projections and QK-norms of one block (the attention pattern itself lives in :class:`GRNRefiner`)."""
+
+    def __init__(self, config: RefinerConfig):
+        super().__init__()
+        c, hd = config.width, config.head_dim
+        self.q_proj = nn.Linear(c, config.heads * hd, bias=False)
+        self.k_proj = nn.Linear(c, config.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(c, config.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.heads * hd, c, bias=False)
+        self.q_norm = RMSNorm(hd, eps=config.norm_eps)
+        self.k_norm = RMSNorm(hd, eps=config.norm_eps)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + down(silu(gate(h)) * up(h))`` for 2-D ``h``."""
+        act = F.silu(_linear(h, self.gate_proj), inplace=True).mul_(_linear(h, self.up_proj))
+        return _linear(act, self.down_proj, residual=residual)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x += Attn(RMS(x)); x += SwiGLU(RMS(x))`` (no biases)."""
+
+    def __init__(self, config: RefinerConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.width, eps=config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.width, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.width, config.mlp_hidden)
+
+
+class BlockChunk(nn.Module):
+    """A group of consecutive blocks; exists only so state-dict keys read ``block_chunks.{c}.module.{i}``."""
+
+    def __init__(self, config: RefinerConfig):
+        super().__init__()
+        self.module = nn.ModuleList(Block(config) for _ in range(config.blocks_per_chunk))
+
+
+class StepEmbedder(nn.Module):
+    """Step token: kept fraction r -> 256-d sinusoid ``[cos | sin]`` (max period 10000) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        """``r [B]`` -> ``[B, width]`` in the compute dtype."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=r.device) / half)
+        angles = r.to(torch.float64)[:, None] * freqs
+        work = compute_dtype(self.mlp[0].weight.dtype)
+        sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(work)
+        first, last = self.mlp[0], self.mlp[2]
+        hidden = F.silu(F.linear(sinusoid, first.weight.to(work), first.bias.to(work)))
+        return F.linear(hidden, last.weight.to(work), last.bias.to(work))
+
+
+class BitHead(nn.Module):
+    """``proj(RMS(x))`` -> ``rounds*d*2`` logits per visual token, laid out ``[bits, 2 classes]``; runs in compute dtype."""
+
+    def __init__(self, width: int, out_channels: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(width, eps=eps)
+        self.proj = nn.Linear(width, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = compute_dtype(self.proj.weight.dtype)
+        h = _rms_norm(x.to(work), self.norm)
+        return F.linear(h, self.proj.weight.to(work), self.proj.bias.to(work))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text conditioning and sequence packing
+
+
+@dataclass(frozen=True, eq=False)
+class TextContext:
+    """Text conditioning of one guidance branch, prepared once (``GRNRefiner.prepare_text``) and reused every step.
+
+    Holds 1 item (shared by the whole batch) or B items (one per sample). ``joint`` layout: the projected text tokens
+    ``[L_i, width]`` (compute dtype). ``prefix`` layout: per layer the roped keys and the values of the text run,
+    packed over items: ``keys[l]`` / ``values[l]`` ``[sum L_i, kv_heads, head_dim]`` in the model dtype.
+    """
+
+    layout: str
+    lengths: tuple[int, ...]
+    tokens: tuple[torch.Tensor, ...] = ()
+    keys: tuple[torch.Tensor, ...] = ()
+    values: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def num_items(self) -> int:
+        return len(self.lengths)
+
+    def offset(self, item: int) -> int:
+        return sum(self.lengths[:item])
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive packed sequences of equal length, attended in one batched SDPA call."""
+
+    start: int  # first packed row
+    count: int  # sequences in the run
+    length: int  # rows per sequence
+    branch: int
+    items: tuple[int, ...]  # prefix layout: text item of each sequence (its K/V prefix)
+    text_length: int  # prefix layout: length of that text prefix
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """Where every sequence sits in the packed token matrix, and what is fixed for a given shape."""
+
+    rows: int
+    runs: tuple[_Run, ...]
+    rope: torch.Tensor  # [rows, 1, head_dim/2] complex
+    visual_index: torch.Tensor  # [branches * B * t*h*w] rows of the visual tokens, branch-major then sample
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class GRNRefiner(nn.Module):
+    """GRN_bit refiner for T2I / T2V / I2V; ``load_state_dict(official_sd, strict=True)`` works as is.
+
+    Main entry point::
+
+        cond, uncond = ref.step_logits(bits, step_value, text_cond, text_uncond, aspect_ratio=h / w)
+
+    See :meth:`step_logits`. Text that does not change between steps can be prepared once with :meth:`prepare_text`.
+    """
+
+    _PLAN_CACHE_SIZE = 4
+
+    def __init__(self, config: RefinerConfig):
+        super().__init__()
+        self.config = config
+        self.word_embed = nn.Linear(config.in_channels, config.width)
+        self.text_proj = nn.Linear(config.text_channels, config.width)
+        self.pt_embedder = StepEmbedder(config.width, config.step_freq_dim)
+        self.block_chunks = nn.ModuleList(BlockChunk(config) for _ in range(config.block_chunks))
+        self.head = BitHead(config.width, config.in_channels, config.norm_eps)
+        self._plans: OrderedDict = OrderedDict()
+
+    # -- helpers --------------------------------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> list[Block]:
+        """All blocks in execution order (block ``c * depth/block_chunks + i`` is ``block_chunks[c].module[i]``)."""
+        return [block for chunk in self.block_chunks for block in chunk.module]
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.word_embed.weight.dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return self.word_embed.weight.device
+
+    def _embed_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """``word_embed(one_hot(bits))`` for bit tokens ``[M, rounds*d]`` (0/1) -> ``[M, width]`` (compute dtype).
+
+        The one-hot input is label-major (channel ``2j + bit_j``), so the product collapses to
+        ``b + sum_j W[:, 2j] + bits @ (W[:, 2j+1] - W[:, 2j])^T``: half the multiply-adds, no one-hot tensor.
+        """
+        work = compute_dtype(self._dtype)
+        weight = self.word_embed.weight.to(work)
+        w_zero, w_one = weight[:, 0::2], weight[:, 1::2]
+        base = self.word_embed.bias.to(work) + w_zero.sum(dim=1)
+        return torch.addmm(base, bits.to(work), (w_one - w_zero).t())
+
+    def _grid_tokens(self, bits: torch.Tensor) -> torch.Tensor:
+        """``[B, bits, t, h, w]`` -> embedded tokens ``[B, t*h*w, width]`` (frame-major, row-major)."""
+        b, c = bits.shape[:2]
+        flat = bits.reshape(b, c, -1).transpose(1, 2).reshape(-1, c)
+        return self._embed_bits(flat).view(b, -1, self.config.width)
+
+    def _project_text(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """``text_proj`` of all items at once -> ``[sum L_i, width]`` (compute dtype)."""
+        packed = torch.cat(items) if len(items) > 1 else items[0]
+        out = _linear(packed.to(device=self._device), self.text_proj)
+        return out.to(compute_dtype(self._dtype))
+
+    def _qkv(self, block: Block, h: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Roped, QK-normed ``q [N, H, D]``, ``k [N, Hkv, D]`` and ``v [N, Hkv, D]`` (model dtype) of ``RMS(x) = h``.
+
+        q, k and v are written side by side into one buffer (``mm(out=...)`` on column slices, so the official
+        separate weights are used as they are), which lets q and k share a single norm and a single in-place RoPE
+        product over ``[N, H + Hkv, D]``. q, k, v are strided views of that buffer.
+        """
+        cfg, attn = self.config, block.attn
+        n, hd, nq, nkv = h.shape[0], cfg.head_dim, cfg.heads, cfg.kv_heads
+        weight_dtype = attn.q_proj.weight.dtype
+        inp = h if h.dtype == weight_dtype else h.to(weight_dtype)
+        qkv = torch.empty(n, (nq + 2 * nkv) * hd, dtype=weight_dtype, device=inp.device)
+        bounds = (0, nq * hd, (nq + nkv) * hd, (nq + 2 * nkv) * hd)
+        for proj, lo, hi in zip((attn.q_proj, attn.k_proj, attn.v_proj), bounds[:-1], bounds[1:]):
+            torch.mm(inp, proj.weight.t(), out=qkv[:, lo:hi])
+        qk_weight = torch.cat([attn.q_norm.weight.expand(nq, hd), attn.k_norm.weight.expand(nkv, hd)])
+        qk = _rms_norm(qkv[:, :bounds[2]].view(n, nq + nkv, hd), attn.q_norm, qk_weight)
+        qk = apply_rope(qk, rope, inplace=True).to(weight_dtype)
+        return qk[:, :nq], qk[:, nq:], qkv[:, bounds[2]:].view(n, nkv, hd)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q [n, L, H, D]``, ``k/v [n, S, Hkv, D]`` -> ``[n*L, H*D]``; softmax scale ``head_dim ** -0.5``."""
+        cfg = self.config
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cfg.kv_heads != cfg.heads:  # grouped-query: head h reads kv head h // (heads / kv_heads)
+            rep = cfg.heads // cfg.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(-1, cfg.heads * cfg.head_dim)
+
+    def _block(
+        self,
+        block: Block,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        runs: Sequence[_Run],
+        layer: int,
+        contexts: Sequence[TextContext] = (),
+    ) -> torch.Tensor:
+        """One block on the packed tokens ``x [N, width]``; attention within each run's sequences."""
+        cfg = self.config
+        q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
+        outs = []
+        for run in runs:
+            rows = slice(run.start, run.start + run.count * run.length)
+            q_r = q[rows].view(run.count, run.length, cfg.heads, cfg.head_dim)
+            k_r = k[rows].view(run.count, run.length, cfg.kv_heads, cfg.head_dim)
+            v_r = v[rows].view(run.count, run.length, cfg.kv_heads, cfg.head_dim)
+            if run.text_length:  # prefix layout: prepend the cached text K/V of each sequence's branch
+                ctx = contexts[run.branch]
+                k_t, v_t = self._text_kv(ctx, layer, run)
+                k_r, v_r = torch.cat([k_t, k_r], dim=1), torch.cat([v_t, v_r], dim=1)
+            outs.append(self._sdpa(q_r, k_r, v_r))
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        x = _linear(attn, block.attn.o_proj, residual=x)
+        return block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
+
+    @staticmethod
+    def _text_kv(ctx: TextContext, layer: int, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached text ``K, V`` for the sequences of a run: ``[count, L_text, Hkv, D]`` each (expanded if shared)."""
+        keys, values = ctx.keys[layer], ctx.values[layer]
+        length = run.text_length
+        if len(set(run.items)) == 1:
+            start = ctx.offset(run.items[0])
+            k_t = keys[start:start + length].unsqueeze(0).expand(run.count, -1, -1, -1)
+            v_t = values[start:start + length].unsqueeze(0).expand(run.count, -1, -1, -1)
+            return k_t, v_t
+        starts = [ctx.offset(i) for i in run.items]
+        return (torch.stack([keys[s:s + length] for s in starts]), torch.stack([values[s:s + length] for s in starts]))
+
+    # -- input checks ---------------------------------------------------------------------------------------------------
+
+    def _text_items(self, text: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+        if isinstance(text, torch.Tensor):
+            if text.dim() == 2:
+                items = [text]
+            elif text.dim() == 3:
+                items = list(text.unbind(0))
+            else:
+                raise ValueError(f"{name} has shape {tuple(text.shape)}; pass encoder features [L, C_text], "
+                                 f"[B, L, C_text] or a list of B [L_i, C_text] tensors.")
+        elif isinstance(text, (list, tuple)) and text and all(isinstance(t, torch.Tensor) for t in text):
+            items = list(text)
+        else:
+            raise ValueError(f"{name} is {type(text).__name__}; pass a tensor [L, C_text], a list of them, or a "
+                             f"TextContext from prepare_text().")
+        for i, item in enumerate(items):
+            if item.dim() != 2 or item.shape[1] != self.config.text_channels:
+                raise ValueError(f"{name}[{i}] has shape {tuple(item.shape)}; expected [L, {self.config.text_channels}] "
+                                 f"(text_channels of this refiner, e.g. umt5-xxl features are 4096 wide).")
+            if item.shape[0] < 1:
+                raise ValueError(f"{name}[{i}] has no tokens; even an empty prompt has its EOS token.")
+            if not item.is_floating_point():
+                raise ValueError(f"{name}[{i}] has dtype {item.dtype}; pass float encoder features, not token ids.")
+        return items
+
+    def _context(self, text: TextInput, name: str) -> TextContext:
+        if isinstance(text, TextContext):
+            if text.layout != self.config.layout:
+                raise ValueError(f"{name} was prepared for the {text.layout!r} layout but this refiner is "
+                                 f"{self.config.layout!r}; call prepare_text() on this model.")
+            ref = text.tokens[0] if text.tokens else text.keys[0]
+            expected = self._dtype if text.keys else compute_dtype(self._dtype)
+            if ref.device != self._device or ref.dtype != expected:
+                raise ValueError(f"{name} was prepared on {ref.device}/{ref.dtype}, the model is on "
+                                 f"{self._device}/{self._dtype}; call prepare_text() again after moving the model.")
+            return text
+        return self.prepare_text(text, name=name)
+
+    def _check_bits(self, bits: torch.Tensor, name: str) -> None:
+        cfg = self.config
+        if not isinstance(bits, torch.Tensor) or bits.dim() != 5:
+            shape = tuple(bits.shape) if isinstance(bits, torch.Tensor) else type(bits).__name__
+            raise ValueError(f"{name} has shape {shape}; expected [B, rounds*d={cfg.bits}, t, h, w] bit labels "
+                             f"(an image is t=1).")
+        if bits.shape[1] != cfg.bits:
+            raise ValueError(f"{name} has {bits.shape[1]} channels; this refiner reads rounds*d = {cfg.rounds}*"
+                             f"{cfg.latent_channels} = {cfg.bits} bit channels (round-major, from hbq.features_to_bits).")
+        if bits.is_floating_point() or bits.is_complex():
+            raise ValueError(f"{name} has dtype {bits.dtype}; pass 0/1 integer or bool bit labels.")
+        if bits.numel() and bits.dtype != torch.bool:
+            lo, hi = torch.aminmax(bits)
+            if int(lo) < 0 or int(hi) > 1:
+                raise ValueError(f"{name} holds values {int(lo)}..{int(hi)}; bit labels must be 0 or 1.")
+
+    def _step_values(self, step_value: float | torch.Tensor, batch: int) -> torch.Tensor:
+        r = torch.as_tensor(step_value, dtype=torch.float64).flatten().to(self._device)
+        if r.numel() == 1:
+            r = r.expand(batch)
+        if r.numel() != batch:
+            raise ValueError(f"step_value has {r.numel()} entries for a batch of {batch}; pass a float or a [B] tensor.")
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"step_value {step_value!r} is not finite; it is the kept fraction in [0, 1].")
+        return r
+
+    # -- packing --------------------------------------------------------------------------------------------------------
+
+    def _plan(
+        self, grid: tuple[int, int, int], template: float, first_frame: bool, batch: int,
+        contexts: Sequence[TextContext],
+    ) -> _Plan:
+        """Layout of the packed sequence for this shape (cached: every step of a generation reuses it)."""
+        cfg = self.config
+        item_of = [[b if ctx.num_items > 1 else 0 for b in range(batch)] for ctx in contexts]
+        text_lens = tuple(tuple(ctx.lengths[i] for i in items) for ctx, items in zip(contexts, item_of))
+        key = (cfg.layout, grid, template, first_frame, batch, text_lens, self._device, self._dtype)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+
+        t, h, w = grid
+        visual = t * h * w
+        vis_pos = visual_positions(t, h, w, template, frame_offset=1 if first_frame else 0)
+        first_pos = visual_positions(1, h, w, template) if first_frame else vis_pos[:0]
+        step_pos = step_positions()
+        joint = cfg.layout == "joint"
+        positions, runs, visual_rows = [], [], []
+        row = 0
+        for branch, (ctx, items) in enumerate(zip(contexts, item_of)):
+            for b in range(batch):
+                length_text = ctx.lengths[items[b]]
+                if joint:
+                    seq = [vis_pos, first_pos, text_positions(length_text), step_pos]
+                    text_prefix = 0
+                else:
+                    seq = [vis_pos, step_pos]
+                    text_prefix = length_text
+                length = sum(p.shape[0] for p in seq)
+                positions.extend(seq)
+                visual_rows.append(torch.arange(row, row + visual))
+                last = runs[-1] if runs else None
+                if (last is not None and last.length == length and last.text_length == text_prefix
+                        and (joint or last.branch == branch)):
+                    runs[-1] = _Run(last.start, last.count + 1, length, last.branch, last.items + (items[b],),
+                                    text_prefix)
+                else:
+                    runs.append(_Run(row, 1, length, branch, (items[b],), text_prefix))
+                row += length
+        rope = rope_table(torch.cat(positions), cfg.head_dim, cfg.rope_base, compute_dtype(self._dtype), self._device)
+        plan = _Plan(row, tuple(runs), rope, torch.cat(visual_rows).to(self._device))
+        self._plans[key] = plan
+        while len(self._plans) > self._PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving / casting the model invalidates the cached RoPE tables and row indices.
+        self._plans.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- public API -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare_text(self, text: torch.Tensor | Sequence[torch.Tensor], name: str = "text") -> TextContext:
+        """Everything about a branch's text that does not change between steps.
+
+        Args:
+            text: encoder features ``[L, C_text]`` (shared by the batch), ``[B, L, C_text]``, or a list of B
+                ``[L_i, C_text]`` tensors (lengths may differ).
+        Returns:
+            a :class:`TextContext` to pass to :meth:`step_logits` in place of the raw features. ``joint``: holds the
+            ``text_proj`` output. ``prefix``: runs the text through all layers once and holds each layer's K/V.
+        """
+        items = self._text_items(text, name)
+        lengths = tuple(int(t.shape[0]) for t in items)
+        for i, n in enumerate(lengths):
+            if n > TEXT_MAX_TOKENS:
+                raise ValueError(f"{name}[{i}] has {n} tokens; at most {TEXT_MAX_TOKENS} fit (positions 0..511, the "
+                                 f"step token sits at 512): truncate the features as the official encoder does.")
+        tokens = self._project_text(items)
+        if self.config.layout == "joint":
+            return TextContext("joint", lengths, tokens=tuple(tokens.split(list(lengths))))
+
+        # prefix: the text attends only to itself; keep every layer's roped K and V.
+        positions, runs, row = [], [], 0
+        for i, n in enumerate(lengths):
+            positions.append(text_positions(n))
+            last = runs[-1] if runs else None
+            if last is not None and last.length == n:
+                runs[-1] = _Run(last.start, last.count + 1, n, 0, (), 0)
+            else:
+                runs.append(_Run(row, 1, n, 0, (), 0))
+            row += n
+        cfg = self.config
+        rope = rope_table(torch.cat(positions), cfg.head_dim, cfg.rope_base, compute_dtype(self._dtype), self._device)
+        keys, values = [], []
+        x = tokens
+        blocks = self.blocks
+        for layer, block in enumerate(blocks):
+            q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
+            keys.append(k.contiguous())  # own copies: the views would keep the whole q/k/v buffer alive
+            values.append(v.contiguous())
+            if layer == len(blocks) - 1:
+                break  # the last layer's output is never read: only its K/V are needed
+            outs = []
+            for run in runs:
+                rows = slice(run.start, run.start + run.count * run.length)
+                outs.append(self._sdpa(*(z[rows].unflatten(0, (run.count, run.length)) for z in (q, k, v))))
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = _linear(attn, block.attn.o_proj, residual=x)
+            x = block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
+        return TextContext("prefix", lengths, keys=tuple(keys), values=tuple(values))
+
+    def _forward_packed(
+        self,
+        bits: torch.Tensor,
+        step_value: float | torch.Tensor,
+        text_cond: TextInput,
+        text_uncond: TextInput | None,
+        aspect_ratio: float | None,
+        first_frame_bits: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, _Plan, tuple[int, int, int], int]:
+        """Run all blocks on the packed sequence; returns the final hidden states ``[N, width]`` and the plan."""
+        cfg = self.config
+        self._check_bits(bits, "bits")
+        batch, _, t, h, w = bits.shape
+        if first_frame_bits is not None:
+            if cfg.layout == "prefix":
+                raise ValueError("first_frame_bits given, but prefix-layout refiners (first MGenAI files) have no "
+                                 "image-to-video path; use a joint-layout I2V checkpoint.")
+            self._check_bits(first_frame_bits, "first_frame_bits")
+            if first_frame_bits.shape[0] not in (1, batch) or tuple(first_frame_bits.shape[2:]) != (1, h, w):
+                raise ValueError(f"first_frame_bits has shape {tuple(first_frame_bits.shape)}; expected "
+                                 f"[{batch} or 1, {cfg.bits}, 1, {h}, {w}] (one clean latent frame on the grid of bits).")
+        if aspect_ratio is None:
+            aspect_ratio = h / w
+        template = aspect_template(aspect_ratio)
+        contexts = [self._context(text_cond, "text_cond")]
+        if text_uncond is not None:
+            contexts.append(self._context(text_uncond, "text_uncond"))
+        for ctx, name in zip(contexts, ("text_cond", "text_uncond")):
+            if ctx.num_items not in (1, batch):
+                raise ValueError(f"{name} holds {ctx.num_items} prompts for a batch of {batch}; pass 1 or {batch}.")
+        r = self._step_values(step_value, batch)
+
+        plan = self._plan((t, h, w), template, first_frame_bits is not None, batch, contexts)
+        visual = self._grid_tokens(bits.to(self._device))
+        first = None
+        if first_frame_bits is not None:
+            first = self._grid_tokens(first_frame_bits.to(self._device)).expand(batch, -1, -1)
+        step = self.pt_embedder(r)
+        pieces = []
+        for ctx in contexts:
+            for b in range(batch):
+                pieces.append(visual[b])
+                if cfg.layout == "joint":
+                    if first is not None:
+                        pieces.append(first[b])
+                    pieces.append(ctx.tokens[b if ctx.num_items > 1 else 0])
+                pieces.append(step[b:b + 1])
+        x = torch.cat(pieces)
+        for layer, block in enumerate(self.blocks):
+            x = self._block(block, x, plan.rope, plan.runs, layer, contexts)
+        return x, plan, (t, h, w), len(contexts)
+
+    @torch.no_grad()
+    def step_logits(
+        self,
+        bits: torch.Tensor,
+        step_value: float | torch.Tensor,
+        text_cond: TextInput,
+        text_uncond: TextInput | None = None,
+        aspect_ratio: float | None = None,
+        first_frame_bits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bit logits of one refinement step for the conditional and (optionally) the unconditional branch.
+
+        Args:
+            bits: ``[B, rounds*d, t, h, w]`` 0/1 bit labels (round-major); for I2V the generated frames only.
+            step_value: kept fraction fed to the step token: a float or a ``[B]`` tensor.
+            text_cond: encoder features ``[L, C_text]`` / ``[B, L, C_text]`` / list of B ``[L_i, C_text]``, or a
+                :class:`TextContext` from :meth:`prepare_text` (reuse it across steps).
+            text_uncond: the same for the unconditional branch, or ``None`` to skip that branch entirely
+                (guidance 1): ``uncond`` is then ``None`` and nothing of it is computed.
+            aspect_ratio: ``h / w`` of the request; mapped to the nearest of the 15 templates (truncated to 3
+                decimals) for the RoPE positions. ``None`` uses the grid's own ``h / w``.
+            first_frame_bits: I2V only, ``[B or 1, rounds*d, 1, h, w]`` clean bits of the given first frame.
+        Returns:
+            ``(cond, uncond)`` logits, each ``[B, t, h, w, rounds*d, 2]`` in the compute dtype (float32 for half
+            models), or ``uncond = None``.
+        """
+        x, plan, (t, h, w), branches = self._forward_packed(
+            bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
+        batch = bits.shape[0]
+        logits = self.head(x.index_select(0, plan.visual_index))
+        logits = logits.view(branches, batch, t, h, w, self.config.bits, 2)
+        return logits[0], (logits[1] if branches > 1 else None)
+
+    @torch.no_grad()
+    def sequence_logits(
+        self,
+        bits: torch.Tensor,
+        step_value: float | torch.Tensor,
+        text_cond: TextInput,
+        text_uncond: TextInput | None = None,
+        aspect_ratio: float | None = None,
+        first_frame_bits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Head output for *every* row of the packed sequence, ``[N, rounds*d*2]`` (for golden tests / debugging).
+
+        Row order is the official one: cond branch, then uncond; per branch and sample ``[visual | first frame |
+        text | step token]`` (joint) or ``[visual | step token]`` (prefix). Only the visual rows are meaningful.
+        """
+        x, _, _, _ = self._forward_packed(bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
+        return self.head(x)
