@@ -29,6 +29,9 @@ META_SOURCE = "grn.source"
 FORMAT_VERSION = "1"
 
 
+KNOWN_CONTAINERS = ("ema", "vae", "model_ema1", "model", "state_dict", "module")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used for what was asked; the message names the file and the fix."""
 
@@ -129,7 +132,9 @@ def _find_tensor_dict(obj: Any, preferred: tuple[str, ...]) -> tuple[Mapping[str
         return None, ""
     if isinstance(obj.get("trainer"), Mapping) and _is_tensor_dict(obj["trainer"].get("gpt_fsdp")):
         return obj["trainer"]["gpt_fsdp"], "['trainer']['gpt_fsdp']"
-    for key in preferred + ("state_dict", "model", "module"):
+    # The expected kind's containers first, then every container any GRN file uses, so that a file of another kind
+    # is still read far enough to say what it is.
+    for key in preferred + KNOWN_CONTAINERS:
         if _is_tensor_dict(obj.get(key)):
             return obj[key], f"['{key}']"
     return None, ""

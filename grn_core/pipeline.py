@@ -1,0 +1,331 @@
+"""The generation pipeline: prompt → text features → refiner + sampler → bit map → tokenizer decode → frames.
+
+Each stage is one function with a small typed interface, so the CLI, the ComfyUI nodes and tests compose the same
+pieces::
+
+    model = load_model("GRN_T2V_2B_FSA_sft147400_ema.pth", "HBQ_image_video_tokenizer_64dim_M4_20260626.ckpt")
+    feats = encode_prompt(model, text_encoder, "a red fox in the snow", task="t2v")
+    tokens = generate_tokens(model, feats, GenerationRequest(width=848, height=480, frames=33, seed=42))
+    frames = decode_tokens(model, tokens)            # [B, T, H, W, 3] float in [0, 1], CPU
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from . import hbq
+from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer
+from .sampler import LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
+
+TASKS = ("t2i", "t2v", "i2v", "c2i")
+
+# Task tags as a plain-text prefix, as the current (joint-layout) checkpoints were trained; the first
+# (prefix-layout) releases had no tag and a quality suffix instead. Negative prompts are never tagged.
+JOINT_PROMPT_TEMPLATES = {
+    "t2i": "<T2I>{}",
+    "t2v": "<T2V>{} high aesthetic and high quality video.",
+    "i2v": "<I2V>{} high aesthetic and high quality video.",
+}
+PREFIX_PROMPT_TEMPLATES = {"t2i": "{}", "t2v": "{}. masterpiece, high quality.", "i2v": "{}"}
+
+
+class TextEncoder(Protocol):
+    """Anything that turns a prompt into features ``[L, C]`` (umt5 prompt encoder, the tiny hashed encoder)."""
+
+    def encode(self, prompt: str, allow_empty: bool = False) -> torch.Tensor: ...
+
+
+@dataclass
+class GRNModel:
+    """A refiner and the tokenizer that matches it, plus what the files say about them.
+
+    tasks: what the refiner was released for (``t2i``, ``t2v``, ``i2v``, ``c2i``); unknown files allow all bit tasks.
+    text_encoder: a built-in encoder (the tiny model ships one); released models use umt5-xxl, loaded separately.
+    preview: a fitted latent → RGB projection for cheap live previews, when one is known for the tokenizer.
+    defaults: output size the model was made for (``width``, ``height``, ``frames``), when the file says so.
+    """
+
+    refiner: nn.Module
+    tokenizer: nn.Module
+    tasks: tuple[str, ...]
+    name: str = ""
+    text_encoder: Optional[TextEncoder] = None
+    preview: Optional[LatentRGBProjection] = None
+    defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        wanted = self.latent_channels
+        have = self.tokenizer.config.z_dim
+        if wanted != have:
+            raise ValueError(
+                f"{self.name or 'model'}: the refiner works on {wanted}-channel latents but the tokenizer has {have} "
+                f"channels. Pick the matching tokenizer (64 channels: HBQ_image_video_tokenizer_64dim_M4_*.ckpt for "
+                f"T2I/T2V/I2V; 16 channels: HBQ_image_tokenizer_16dim_M4.ckpt for class-to-image)."
+            )
+
+    @property
+    def is_c2i(self) -> bool:
+        return "c2i" in self.tasks
+
+    @property
+    def layout(self) -> Optional[str]:
+        return getattr(self.refiner.config, "layout", None)
+
+    @property
+    def rounds(self) -> int:
+        config = self.refiner.config
+        return int(getattr(config, "hbq_rounds", getattr(config, "rounds", 4)))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.refiner.config.latent_channels)
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.tokenizer.config.spatial_factor)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.tokenizer.config.temporal_factor)
+
+    @property
+    def text_channels(self) -> Optional[int]:
+        return getattr(self.refiner.config, "text_channels", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.refiner.parameters()).device
+
+    def default_task(self) -> str:
+        return self.tasks[0]
+
+
+def load_model(
+    refiner_path: str | Path,
+    tokenizer_path: str | Path,
+    dtype: Any = None,
+    device: Any = "cpu",
+    layout: Optional[str] = None,
+    tokenizer_dtype: Any = None,
+) -> GRNModel:
+    """Load a refiner (T2I/T2V/I2V or C2I, told apart by its tensors) and its tokenizer."""
+    info = inspect_checkpoint(refiner_path, layout=layout)
+    if info.kind == "c2i":
+        refiner = load_c2i(refiner_path, dtype=dtype, device=device)
+        tasks: tuple[str, ...] = ("c2i",)
+    else:
+        refiner = load_refiner(refiner_path, layout=layout, dtype=dtype, device=device)
+        tasks = info.tasks or ("t2i", "t2v", "i2v")
+    tokenizer = load_tokenizer(tokenizer_path, dtype=tokenizer_dtype if tokenizer_dtype is not None else dtype,
+                               device=device)
+    return GRNModel(refiner, tokenizer, tasks, name=Path(refiner_path).name)
+
+
+@dataclass
+class PromptFeatures:
+    """Encoder features of one prompt and its negative prompt (``uncond`` is None when guidance is off)."""
+
+    cond: torch.Tensor
+    uncond: Optional[torch.Tensor]
+    task: str
+    text: str
+    negative: str = ""
+
+
+def format_prompt(prompt: str, task: str, layout: Optional[str] = "joint") -> str:
+    """The prompt as the checkpoints were trained on it: task tag (joint layout) or quality suffix (prefix layout)."""
+    if task not in JOINT_PROMPT_TEMPLATES:
+        raise ValueError(f"task '{task}' takes no text prompt; use one of t2i, t2v, i2v.")
+    templates = PREFIX_PROMPT_TEMPLATES if layout == "prefix" else JOINT_PROMPT_TEMPLATES
+    return templates[task].format(prompt.strip())
+
+
+def _check_task(model: GRNModel, task: Optional[str]) -> str:
+    task = (task or model.default_task()).lower()
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}'; use one of {', '.join(TASKS)}.")
+    if task not in model.tasks:
+        raise ValueError(
+            f"{model.name or 'this model'} does not do {task.upper()} (it does {', '.join(t.upper() for t in model.tasks)})."
+            + (" Image-to-video needs the 8B T2V/I2V file GRN_T2V_TITAN_FSA_sft10600_ema.pth." if task == "i2v" else "")
+        )
+    return task
+
+
+def encode_prompt(
+    model: GRNModel,
+    text_encoder: Optional[TextEncoder],
+    prompt: str,
+    negative: str = "",
+    task: Optional[str] = None,
+    add_task_tag: bool = True,
+    need_uncond: bool = True,
+) -> PromptFeatures:
+    """Encode prompt and negative prompt for ``model``; the empty negative prompt is the official default."""
+    task = _check_task(model, task)
+    encoder = text_encoder if text_encoder is not None else model.text_encoder
+    if encoder is None:
+        raise ValueError(
+            f"{model.name or 'this model'} needs a text encoder: load umt5-xxl (models_t5_umt5-xxl-enc-bf16.pth with "
+            "its tokenizer.json, or ComfyUI's umt5_xxl_*.safetensors through CLIPLoader type 'wan')."
+        )
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: describe what to generate.")
+    text = format_prompt(prompt, task, model.layout) if add_task_tag else prompt.strip()
+    cond = encoder.encode(text, allow_empty=False)
+    uncond = encoder.encode(negative or "", allow_empty=True) if need_uncond else None
+    _check_text_width(model, cond)
+    return PromptFeatures(cond, uncond, task, text, negative or "")
+
+
+def _check_text_width(model: GRNModel, features: torch.Tensor) -> None:
+    channels = model.text_channels
+    if channels is not None and features.shape[-1] != channels:
+        raise ValueError(
+            f"the text features are {features.shape[-1]}-wide but {model.name or 'the refiner'} expects {channels} "
+            f"(umt5-xxl gives 4096). Use the text encoder that belongs to this model."
+        )
+
+
+@dataclass
+class GenerationRequest:
+    """Output size and sampling settings. ``frames`` = 1 makes an image; videos need 1 + 4k frames."""
+
+    width: int
+    height: int
+    frames: int = 1
+    seed: int = 0
+    batch_size: int = 1
+    settings: Optional[SamplerSettings] = None
+
+
+@dataclass
+class TokenResult:
+    """The sampler's output: final bit maps ``[B, rounds*d, t, h, w]`` and the run's statistics."""
+
+    bits: torch.Tensor
+    sampling: SamplingResult
+    task: str
+    width: int
+    height: int
+    frames: int
+    extras: dict = field(default_factory=dict)
+
+
+def latent_grid_for(model: GRNModel, width: int, height: int, frames: int) -> tuple[int, int, int]:
+    """Latent ``(t, h, w)`` of an output size, or a ValueError saying which sizes work."""
+    sf, tf = model.spatial_factor, model.temporal_factor
+    for name, size in (("width", width), ("height", height)):
+        if not isinstance(size, int) or size < sf or size % sf:
+            near = max(sf, sf * round(size / sf)) if isinstance(size, (int, float)) else sf
+            raise ValueError(f"{name} {size} is not a positive multiple of {sf} pixels; use {near}.")
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % tf:
+        lower = 1 + tf * max(0, (int(frames) - 1) // tf) if isinstance(frames, (int, float)) else 1
+        raise ValueError(f"frames {frames}: videos need 1 + {tf}k frames (1 for an image); use {lower} or {lower + tf}.")
+    return 1 + (frames - 1) // tf, height // sf, width // sf
+
+
+def snap_size(width: int, height: int, factor: int = 16) -> tuple[int, int]:
+    """Nearest multiples of ``factor`` (at least one cell), the snapping the nodes show to the user."""
+    return max(factor, factor * round(width / factor)), max(factor, factor * round(height / factor))
+
+
+def encode_first_frame(model: GRNModel, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """I2V: an RGB image ``[3, H, W]`` or ``[1, 3, H, W]`` in [-1, 1] → clean bits ``[1, rounds*d, 1, h, w]``."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"the first frame must be one RGB image [3, H, W], got shape {tuple(image.shape)}.")
+    if tuple(image.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"the first frame is {image.shape[-1]}x{image.shape[-2]} but the video is {width}x{height}; "
+            "resize or crop the image to the video size first."
+        )
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"the first frame spans [{lo:.3g}, {hi:.3g}]; pass RGB scaled to [-1, 1] (x * 2 - 1 from [0, 1]).")
+    weight = next(model.tokenizer.parameters())
+    with torch.inference_mode():
+        z = model.tokenizer.encode(image.to(weight.device, weight.dtype))
+    return hbq.features_to_bits(z, model.rounds)
+
+
+def generate_tokens(
+    model: GRNModel,
+    features: PromptFeatures,
+    request: GenerationRequest,
+    first_frame: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[StepInfo], Any]] = None,
+    preview: bool = True,
+) -> TokenResult:
+    """Run the refinement sampler for ``request``; I2V takes ``first_frame`` (an image in [-1, 1])."""
+    task = features.task
+    if model.is_c2i:
+        raise ValueError("class-to-image models take a class index, not a prompt: use generate_class_tokens.")
+    grid = latent_grid_for(model, request.width, request.height, request.frames)
+    if task == "t2i" and request.frames != 1:
+        raise ValueError(f"text-to-image makes one frame, got frames={request.frames}; use a T2V model for video.")
+    first_frame_bits = None
+    if task == "i2v":
+        if first_frame is None:
+            raise ValueError("image-to-video needs a first frame image.")
+        if grid[0] < 2:
+            raise ValueError("image-to-video needs at least 5 frames (the given frame plus one latent frame).")
+        first_frame_bits = encode_first_frame(model, first_frame, request.width, request.height)
+    elif first_frame is not None:
+        raise ValueError(f"a first frame was given but the task is {task.upper()}; use task 'i2v' with an I2V model.")
+    settings = request.settings or SamplerSettings.for_task(task)
+    uncond = features.uncond
+    if settings.guidance != 1.0 and uncond is None:
+        raise ValueError("guidance needs the negative-prompt features: encode the prompt with need_uncond=True.")
+    preview_fn = bits_preview(model.preview, model.rounds) if (preview and model.preview is not None) else None
+    with torch.inference_mode():
+        result = sample_bits(
+            model.refiner, features.cond, uncond if settings.guidance != 1.0 else None,
+            grid=grid, batch_size=request.batch_size, seed=request.seed, settings=settings,
+            aspect_ratio=request.height / request.width, first_frame_bits=first_frame_bits,
+            callback=callback, preview_fn=preview_fn,
+        )
+    return TokenResult(result.bits, result, task, request.width, request.height, request.frames)
+
+
+def decode_tokens(model: GRNModel, tokens: TokenResult | torch.Tensor) -> torch.Tensor:
+    """Bit maps → frames ``[B, T, H, W, 3]`` float32 in [0, 1] on the CPU, one sample and one latent frame at a time."""
+    bits = tokens.bits if isinstance(tokens, TokenResult) else tokens
+    weight = next(model.tokenizer.parameters())
+    samples = []
+    with torch.inference_mode():
+        for b in range(bits.shape[0]):
+            z = hbq.bits_to_features(bits[b : b + 1].to(weight.device), model.rounds, dtype=weight.dtype)
+            chunks = [((chunk.float() + 1) / 2).clamp_(0, 1).cpu() for chunk in model.tokenizer.decode_iter(z)]
+            video = torch.cat(chunks, dim=2)[0]  # [3, T, H, W]
+            samples.append(video.permute(1, 2, 3, 0).contiguous())
+    return torch.stack(samples)
+
+
+def generate_class_tokens(
+    model: GRNModel,
+    class_ids: list[int],
+    seed: int = 0,
+    settings: Any = None,
+    callback: Optional[Callable[[StepInfo], Any]] = None,
+) -> TokenResult:
+    """Class-to-image: one ImageNet class per sample → HBQ bit maps ``[B, rounds*d, 1, h, w]``."""
+    from .sampler import sample_c2i
+
+    if not model.is_c2i:
+        raise ValueError(f"{model.name or 'this model'} is a text-conditioned model; class indices need a GRN_ind file.")
+    num_classes = int(model.refiner.config.num_classes)
+    for class_id in class_ids:
+        if not 0 <= int(class_id) <= num_classes:
+            raise ValueError(f"class index {class_id} is outside 0..{num_classes - 1} ({num_classes} = unconditional).")
+    with torch.inference_mode():
+        result = sample_c2i(model.refiner, list(class_ids), seed=seed, settings=settings, callback=callback)
+    bits = hbq.indices_to_bits(result.bits, model.rounds).unsqueeze(2)  # [B, rounds*d, 1, h, w]
+    side = int(model.refiner.config.input_size) * model.spatial_factor
+    return TokenResult(bits, result, "c2i", side, side, 1)
