@@ -1,0 +1,314 @@
+"""The ComfyUI side of the GRN nodes (V3 schema): sockets, widgets, progress, device moves — nothing else.
+
+All work happens in ``logic.py``; this module is only imported inside ComfyUI (``comfy_api.latest`` must exist).
+ComfyUI's own modules (``folder_paths``, ``comfy.*``, ``server``) are imported where they are used, so the schemas
+can be read with a minimal stand-in for ``comfy_api.latest`` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import logic, model_files
+from .widget_events import EVENT_NAME
+
+CATEGORY = "GRN"
+GRN_MODEL = io.Custom("GRN_MODEL")
+GRN_CONDITIONING = io.Custom("GRN_CONDITIONING")
+GRN_TOKENS = io.Custom("GRN_TOKENS")
+
+
+def _folder_paths():
+    import folder_paths
+
+    model_files.register_model_folder(folder_paths)
+    return folder_paths
+
+
+def _list(fn) -> list[str]:
+    try:
+        return fn(_folder_paths())
+    except ImportError:  # schema read outside ComfyUI (tests): only the built-in choices
+        return fn(_EmptyFolders())
+
+
+class _EmptyFolders:
+    models_dir = "models"
+    folder_names_and_paths: dict = {}
+
+    @staticmethod
+    def get_filename_list(folder: str) -> list[str]:
+        return []
+
+    @staticmethod
+    def get_full_path(folder: str, name: str) -> None:
+        return None
+
+    @staticmethod
+    def get_folder_paths(folder: str) -> list[str]:
+        return []
+
+
+class GRNLoadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GRNLoadModel",
+            display_name="Load GRN",
+            category=CATEGORY,
+            description="Load a GRN refiner (T2I / T2V / I2V / C2I, or the built-in tiny model) and its HBQ tokenizer.",
+            inputs=[
+                io.Combo.Input("refiner", options=_list(model_files.refiner_choices), default=model_files.TINY,
+                               tooltip="Refiner file from models/grn or models/diffusion_models; 'tiny' is built in."),
+                io.Combo.Input("tokenizer", options=_list(model_files.tokenizer_choices), default=model_files.AUTO,
+                               tooltip="HBQ tokenizer file; 'auto' picks the one that matches the refiner."),
+                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default"),
+                io.Combo.Input("layout", options=list(logic.LAYOUTS), default="auto",
+                               tooltip="Attention layout: 'prefix' only for the first MGenAI T2I/T2V files."),
+                io.Combo.Input("offload", options=list(logic.OFFLOAD_POLICIES), default=logic.OFFLOAD_POLICIES[0]),
+                io.Boolean.Input("download_missing", default=False,
+                                 tooltip=f"Fetch a missing released file from {model_files.HF_REPO} into models/grn."),
+            ],
+            outputs=[GRN_MODEL.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, refiner: str, tokenizer: str, weight_dtype: str, layout: str, offload: str,
+                download_missing: bool) -> io.NodeOutput:
+        folder_paths = _folder_paths()
+        if refiner == model_files.TINY:
+            loaded = logic.load_grn(None, None, weight_dtype, layout, offload)
+        else:
+            refiner_path = model_files.resolve_file(
+                folder_paths, refiner, (model_files.GRN_FOLDER,) + model_files.SHARED_FOLDERS, download_missing)
+            if tokenizer == model_files.AUTO:
+                tokenizer_path = logic.tokenizer_for(refiner_path, tokenizer, folder_paths)
+            else:
+                tokenizer_path = model_files.resolve_file(folder_paths, tokenizer, (model_files.GRN_FOLDER,),
+                                                          download_missing)
+            loaded = logic.load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload)
+        return io.NodeOutput(loaded)
+
+
+class GRNEncodePrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GRNEncodePrompt",
+            display_name="Encode Prompt",
+            category=CATEGORY,
+            description="Prompt and negative prompt -> GRN text features (umt5-xxl from a CLIP input or GRN's own "
+                        "file, or the tiny model's built-in encoder). The task tag is added automatically.",
+            inputs=[
+                GRN_MODEL.Input("model"),
+                io.String.Input("prompt", multiline=True, default="a red circle moving right"),
+                io.String.Input("negative_prompt", multiline=True, default=""),
+                io.Combo.Input("task", options=list(logic.TASK_CHOICES), default="auto",
+                               tooltip="'auto' encodes for every task of the model; the sampler picks I2V when it "
+                                       "gets a first frame."),
+                io.Boolean.Input("add_task_tag", default=True, tooltip="Prefix <T2I>/<T2V>/<I2V> as the model was "
+                                                                       "trained; switch off to write your own."),
+                io.Combo.Input("umt5_file", options=_list(model_files.umt5_choices), default=model_files.NONE,
+                               tooltip="GRN's umt5-xxl file (needs umt5-xxl/tokenizer.json beside it); used when no "
+                                       "CLIP is connected."),
+                io.Clip.Input("clip", optional=True, tooltip="umt5-xxl from CLIPLoader, type 'wan' (Wan's file)."),
+            ],
+            outputs=[GRN_CONDITIONING.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, model: logic.LoadedGRN, prompt: str, negative_prompt: str, task: str, add_task_tag: bool,
+                umt5_file: str, clip: Any = None) -> io.NodeOutput:
+        if clip is not None:
+            encoder, source = logic.ClipPromptEncoder(clip), "clip"
+        elif umt5_file != model_files.NONE:
+            path = model_files.resolve_file(_folder_paths(), umt5_file, model_files.TEXT_ENCODER_FOLDERS,
+                                            node=logic.ENCODE_PROMPT)
+            import comfy.model_management as mm
+
+            encoder, source = logic.umt5_file_encoder(path, device=mm.text_encoder_device()), "umt5 file"
+        else:
+            encoder, source = None, "built-in"
+        return io.NodeOutput(logic.encode_prompt_for(model, encoder, prompt, negative_prompt, task, add_task_tag,
+                                                     source))
+
+
+class GRNRefineSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GRNRefineSampler",
+            display_name="Refine Sampler",
+            category=CATEGORY,
+            description="GRN's entropy-guided refinement: fills, keeps and erases tokens step by step. Sizes snap "
+                        "to the model's grid; frames to 1 + 4k (16 fps).",
+            inputs=[
+                GRN_MODEL.Input("model"),
+                GRN_CONDITIONING.Input("conditioning", optional=True),
+                io.Int.Input("width", default=848, min=16, max=4096, step=16),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16),
+                io.Combo.Input("resolution", options=list(logic.RESOLUTIONS), default="custom",
+                               tooltip="'custom' uses width/height; a bucket uses its trained size at the aspect."),
+                io.Combo.Input("aspect", options=list(logic.ASPECTS), default="from width/height"),
+                io.Int.Input("frames", default=33, min=1, max=logic.MAX_FRAMES, step=1,
+                             tooltip="1 makes an image; videos use 1 + 4k frames (snapped)."),
+                io.Float.Input("duration", default=0.0, min=0.0, max=5.0, step=0.25,
+                               tooltip="Seconds at 16 fps; overrides frames when > 0."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=50, min=1, max=200),
+                io.Boolean.Input("adaptive_steps", default=False,
+                                 tooltip="Entropy-guided step count: after warm-up, D = k*H + b more steps."),
+                io.Int.Input("min_steps", default=20, min=2, max=200),
+                io.Int.Input("warmup", default=5, min=0, max=50),
+                io.Float.Input("adaptive_k", default=90.0, min=-10000.0, max=10000.0, step=1.0),
+                io.Float.Input("adaptive_b", default=0.0, min=-10000.0, max=10000.0, step=1.0),
+                io.Float.Input("guidance", default=3.0, min=0.0, max=20.0, step=0.05),
+                io.Float.Input("guidance_interval", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Guide only once the kept fraction reaches this value (0 = every step)."),
+                io.Float.Input("temperature", default=1.0, min=0.05, max=5.0, step=0.01),
+                io.Float.Input("shift", default=1.0, min=0.05, max=10.0, step=0.05),
+                io.Int.Input("class_index", default=0, min=0, max=999, tooltip="ImageNet class for C2I models."),
+                io.Image.Input("first_frame", optional=True, tooltip="I2V: the video's first frame."),
+                GRN_TOKENS.Input("first_frame_tokens", optional=True, tooltip="I2V: first frame from Encode Image."),
+            ],
+            outputs=[GRN_TOKENS.Output(display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model: logic.LoadedGRN, width: int, height: int, resolution: str, aspect: str, frames: int,
+                duration: float, seed: int, steps: int, adaptive_steps: bool, min_steps: int, warmup: int,
+                adaptive_k: float, adaptive_b: float, guidance: float, guidance_interval: float, temperature: float,
+                shift: float, class_index: int, conditioning: Optional[logic.GRNConditioning] = None,
+                first_frame: Any = None, first_frame_tokens: Any = None) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        task = logic.choose_task(model, conditioning, first_frame is not None or first_frame_tokens is not None)
+        plan = logic.plan_size(model, width, height, frames, resolution, aspect, duration, task)
+        settings = logic.build_settings(task, steps, guidance, temperature, shift, guidance_interval,
+                                        adaptive_steps, min_steps, warmup, adaptive_k, adaptive_b)
+        node_id = str(cls.hidden.unique_id) if cls.hidden is not None else ""
+        bar = comfy.utils.ProgressBar(steps, node_id=node_id or None)
+
+        def progress(step: int, total: int, rgb: Any) -> None:
+            preview = ("JPEG", logic.preview_image(rgb), 512) if rgb is not None else None
+            bar.update_absolute(step, total, preview)  # also ComfyUI's interruption check
+
+        recorder = logic.StepRecorder(node=node_id, prompt_id=_prompt_id(),
+                                      size=(plan.width, plan.height, plan.frames), send=_sender(), progress=progress)
+        frame = logic.image_to_frame(first_frame, plan.width, plan.height) if first_frame is not None else None
+        frame_bits = first_frame_tokens.bits if first_frame_tokens is not None and frame is None else None
+        mm.throw_exception_if_processing_interrupted()
+        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache) as _:
+            result = logic.run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
+                                       first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
+        result.bits = result.bits.to(mm.intermediate_device())
+        result.extras["size_note"] = plan.note
+        return io.NodeOutput(result, ui={"text": [plan.note]})
+
+
+def _prompt_id() -> Optional[str]:
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return getattr(context, "prompt_id", None)
+
+
+def _sender():
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    server = PromptServer.instance
+
+    def send(event: dict) -> None:
+        server.send_sync(EVENT_NAME, event, server.client_id)
+
+    return send
+
+
+class GRNDecodeVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GRNDecodeVideo",
+            display_name="Decode Video",
+            category=CATEGORY,
+            description="GRN tokens -> IMAGE frames + fps, for CreateVideo / SaveVideo / SaveAnimatedWEBP.",
+            inputs=[
+                GRN_MODEL.Input("model"),
+                GRN_TOKENS.Input("tokens"),
+                io.Int.Input("tile", default=0, min=0, max=256, step=8,
+                             tooltip="Decode in spatial tiles of this many latent cells (0 = whole frames)."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps")],
+        )
+
+    @classmethod
+    def execute(cls, model: logic.LoadedGRN, tokens: Any, tile: int) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+            images = logic.decode_to_images(model, tokens, tile=tile)
+        return io.NodeOutput(images.to(mm.intermediate_device()), float(logic.FPS))
+
+
+class GRNEncodeImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GRNEncodeImage",
+            display_name="Encode Image",
+            category=CATEGORY,
+            description="IMAGE -> GRN tokens with the model's tokenizer (I2V first frames; decode to inspect).",
+            inputs=[
+                GRN_MODEL.Input("model"),
+                io.Image.Input("image"),
+                io.Int.Input("width", default=0, min=0, max=4096, step=16, tooltip="0 = the image's, snapped down."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=16),
+            ],
+            outputs=[GRN_TOKENS.Output(display_name="tokens")],
+        )
+
+    @classmethod
+    def execute(cls, model: logic.LoadedGRN, image: Any, width: int, height: int) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+            tokens = logic.encode_images(model, image, width, height)
+        return io.NodeOutput(tokens)
+
+
+class GRNRefineStats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GRNRefineStats",
+            display_name="Refine Stats",
+            category=CATEGORY,
+            description="A chart of the run: token states per step, entropy, kept fraction, adaptive decision.",
+            inputs=[GRN_TOKENS.Input("tokens")],
+            outputs=[io.Image.Output(display_name="chart")],
+        )
+
+    @classmethod
+    def execute(cls, tokens: Any) -> io.NodeOutput:
+        return io.NodeOutput(logic.render_stats(tokens))
+
+
+NODES = [GRNLoadModel, GRNEncodePrompt, GRNRefineSampler, GRNDecodeVideo, GRNEncodeImage, GRNRefineStats]
+
+
+class GRNExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        _folder_paths()
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> GRNExtension:
+    return GRNExtension()

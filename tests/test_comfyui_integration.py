@@ -1,0 +1,269 @@
+"""The pack inside a real ComfyUI: runs only when ``COMFYUI_DIR`` points at a ComfyUI checkout (0.3.64 tested).
+
+Starts ``main.py --cpu`` with this repository linked into ``custom_nodes/ComfyUI-GRN`` (Python: ``COMFYUI_PYTHON``,
+default this interpreter; ComfyUI's requirements and ours must be installed there), then:
+``/object_info`` lists every node; ``workflows/grn_tiny_t2v.json`` converted to an API prompt is queued; one
+``grn.refine`` widget event per step arrives over the websocket; the history names a video file that ``/view``
+serves; a second run is interrupted midway and a third completes.
+
+Until the built-in tiny model ships, the test swaps in the golden refiner/tokenizer and the golden umt5 encoder
+(with a small word-level tokenizer.json written here), placed in a temporary models folder registered through
+``--extra-model-paths-config`` — which also checks that the pack's ``models/grn`` registration keeps user paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests._golden import GOLDEN
+from tests._workflows import load, to_api_prompt, widget_names_from_object_info
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the "
+                                                        "integration test (see tests/test_comfyui_integration.py)")
+NODES = ["GRNLoadModel", "GRNEncodePrompt", "GRNRefineSampler", "GRNDecodeVideo", "GRNEncodeImage", "GRNRefineStats"]
+
+
+class WebSocket:
+    """Just enough of RFC 6455 for ComfyUI's /ws: read text/binary frames, answer pings."""
+
+    def __init__(self, host: str, port: int, path: str):
+        self.sock = socket.create_connection((host, port), timeout=120)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                          .encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            data += chunk
+        return data
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def receive(self) -> tuple[int, bytes]:
+        message, first_opcode = b"", None
+        while True:
+            b0, b1 = self._read(2)
+            opcode, length = b0 & 0x0F, b1 & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(length)
+            if opcode == 9:
+                self._send(10, payload)
+                continue
+            if opcode == 8:
+                raise ConnectionError("websocket closed by the server")
+            if opcode in (1, 2):
+                first_opcode = opcode
+            message += payload
+            if b0 & 0x80:
+                return first_opcode, message
+
+    def json_messages(self):
+        while True:
+            opcode, data = self.receive()
+            if opcode == 1:
+                yield json.loads(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_stand_in_models(folder: Path) -> None:
+    """Golden refiner + tokenizer + umt5 (32-wide text) and a word-level tokenizer.json for the umt5 file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    grn = folder / "grn"
+    grn.mkdir(parents=True)
+    shutil.copy(GOLDEN / "refiner_joint_weights.safetensors", grn / "golden_refiner.safetensors")
+    shutil.copy(GOLDEN / "tokenizer_weights.safetensors", grn / "golden_tokenizer.safetensors")
+    shutil.copy(GOLDEN / "umt5_weights.safetensors", grn / "golden_umt5.safetensors")
+    words = "a red green blue circle square moving right left up down high aesthetic and quality video".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(grn / "golden_umt5.tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy = Path(COMFYUI_DIR)
+    assert (comfy / "main.py").is_file(), f"COMFYUI_DIR={COMFYUI_DIR} has no main.py"
+    link = comfy / "custom_nodes" / "ComfyUI-GRN"
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    assert link.resolve() == ROOT, f"{link} points elsewhere; remove it or point it at {ROOT}"
+    work = tmp_path_factory.mktemp("comfyui")
+    _write_stand_in_models(work / "models")
+    extra = work / "extra_model_paths.yaml"
+    extra.write_text(f"grn_test:\n    base_path: {work / 'models'}\n    grn: grn\n")
+    port = _free_port()
+    log = open(work / "server.log", "w")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.Popen(
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--extra-model-paths-config",
+         str(extra), "--output-directory", str(work / "output"), "--temp-directory", str(work / "temp")],
+        cwd=comfy, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(work / 'server.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(base + "/system_stats", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("ComfyUI did not start within 240 s")
+        yield {"base": base, "port": port, "log": work / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _get(server, path: str):
+    with urllib.request.urlopen(server["base"] + path, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _post(server, path: str, body: dict | None = None):
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(server["base"] + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            text = r.read()
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"POST {path}: {error.code} {error.read()[:2000]!r}") from error
+    return json.loads(text) if text else {}
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return _get(server, "/object_info")
+
+
+def _tiny_prompt(object_info: dict, seed: int, steps: int) -> dict:
+    prompt = to_api_prompt(load("grn_tiny_t2v.json"), lambda kind: widget_names_from_object_info(object_info[kind]))
+    refiners = object_info["GRNLoadModel"]["input"]["required"]["refiner"][1]["options"]
+    tiny_ready = "tiny" in refiners and _tiny_ships()
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "GRNLoadModel" and not tiny_ready:
+            inputs.update(refiner="golden_refiner.safetensors", tokenizer="golden_tokenizer.safetensors")
+        if node["class_type"] == "GRNEncodePrompt" and not tiny_ready:
+            inputs.update(umt5_file="golden_umt5.safetensors")
+        if node["class_type"] == "GRNRefineSampler":
+            inputs.update(seed=seed, steps=steps)
+    return prompt
+
+
+def _tiny_ships() -> bool:
+    from nodes.model_files import tiny_available
+
+    return tiny_available()
+
+
+def _run(server, prompt: dict, interrupt_after: int | None = None) -> tuple[str, list, str]:
+    client_id = str(uuid.uuid4())
+    ws = WebSocket("127.0.0.1", server["port"], f"/ws?clientId={client_id}")
+    try:
+        prompt_id = _post(server, "/prompt", {"prompt": prompt, "client_id": client_id})["prompt_id"]
+        events, outcome = [], None
+        for message in ws.json_messages():
+            kind, data = message.get("type"), message.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if kind == "grn.refine":
+                events.append(data)
+                if interrupt_after is not None and len(events) == interrupt_after:
+                    _post(server, "/interrupt")
+            elif kind in ("execution_success", "execution_interrupted", "execution_error"):
+                outcome = kind
+                if kind == "execution_error":
+                    outcome += ": " + data.get("exception_message", "")
+                break
+        return prompt_id, events, outcome
+    finally:
+        ws.close()
+
+
+def test_object_info_lists_every_node(object_info, server):
+    missing = [n for n in NODES if n not in object_info]
+    assert not missing, f"missing {missing}; log: {server['log'].read_text()[-3000:]}"
+    assert "IMPORT FAILED" not in [l for l in server["log"].read_text().splitlines() if "ComfyUI-GRN" in l]
+    refiners = object_info["GRNLoadModel"]["input"]["required"]["refiner"][1]["options"]
+    assert refiners[0] == "tiny" and "golden_refiner.safetensors" in refiners  # user's extra path kept
+
+
+def test_widget_script_is_served(server):
+    extensions = _get(server, "/extensions")
+    assert any(e.endswith("ComfyUI-GRN/grn_refine_widget.js") for e in extensions), extensions
+
+
+def test_tiny_workflow_runs_with_one_event_per_step_and_makes_a_video(server, object_info):
+    prompt_id, events, outcome = _run(server, _tiny_prompt(object_info, seed=1, steps=6))
+    assert outcome == "execution_success", outcome
+    assert [e["step"] for e in events] == list(range(6))
+    assert all(e["prompt_id"] == prompt_id and e["node"] for e in events)
+    assert all(len(json.dumps(e)) <= 64 * 1024 for e in events)
+    for _ in range(60):  # the history entry is written just after execution_success is sent
+        history = _get(server, f"/history/{prompt_id}").get(prompt_id)
+        if history:
+            break
+        time.sleep(0.5)
+    assert history, f"no history for {prompt_id}"
+    files = [f for out in history["outputs"].values() for f in out.get("images", []) + out.get("videos", [])
+             if str(f.get("filename", "")).endswith((".mp4", ".webm", ".webp"))]
+    assert files, history["outputs"]
+    query = urllib.parse.urlencode({k: files[0][k] for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{server['base']}/view?{query}", timeout=60) as r:
+        assert r.status == 200 and len(r.read()) > 100
+
+
+def test_interrupt_midway_then_a_full_run(server, object_info):
+    _, events, outcome = _run(server, _tiny_prompt(object_info, seed=2, steps=40), interrupt_after=3)
+    assert outcome == "execution_interrupted", outcome
+    assert 3 <= len(events) < 40
+    _, events, outcome = _run(server, _tiny_prompt(object_info, seed=3, steps=5))
+    assert outcome == "execution_success", outcome
+    assert len(events) == 5

@@ -1,0 +1,298 @@
+"""The logic behind the ComfyUI nodes, run without ComfyUI on the golden refiner + tokenizer (random weights, d = 8,
+32-wide text): sizes, task tags, CLIP tokenization, errors that name the node and the fix, widget events, decode."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from grn_core.checkpoints import checkpoint_metadata, save_checkpoint
+from grn_core.pipeline import GRNModel, load_model
+from grn_core.tokenizer import HBQTokenizer, TokenizerConfig
+from nodes import logic, model_files
+from nodes.widget_events import MAX_EVENT_BYTES, event_size, unpack_state_map
+from tests._golden import GOLDEN
+
+REFINER = GOLDEN / "refiner_joint_weights.safetensors"
+TOKENIZER = GOLDEN / "tokenizer_weights.safetensors"
+
+
+class WordHashEncoder:
+    """Deterministic stand-in text encoder (32-wide rows, one per word plus an end row)."""
+
+    def __init__(self, dim: int = 32):
+        self.dim = dim
+        self.calls: list[str] = []
+
+    def encode(self, prompt: str, allow_empty: bool = False) -> torch.Tensor:
+        self.calls.append(prompt)
+        rows = []
+        for word in prompt.split() + ["</s>"]:
+            seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> logic.LoadedGRN:
+    return logic.load_grn(REFINER, TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def conditioning(loaded) -> logic.GRNConditioning:
+    return logic.encode_prompt_for(loaded, WordHashEncoder(), "a red circle", "blurry")
+
+
+# ---- Load GRN -----------------------------------------------------------------------------------------------------
+
+def test_load_reads_tasks_and_fits_a_preview(loaded):
+    assert loaded.tasks == ("t2i", "t2v", "i2v")
+    assert loaded.model.preview is not None
+    assert loaded.keep_on_device is False
+    assert "refiner_joint_weights.safetensors" in loaded.describe()
+
+
+def test_tokenizer_refiner_mismatch_names_node_and_fix(tmp_path):
+    config = TokenizerConfig(dim=8, dec_dim=8, z_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
+                             temporal_downsample=(False, True, True))
+    path = save_checkpoint(HBQTokenizer(config).state_dict(), tmp_path / "other_tokenizer.safetensors",
+                           checkpoint_metadata("tokenizer", config))
+    with pytest.raises(logic.GRNNodeError, match=r"^Load GRN: .*4 channels.*Pick the matching tokenizer"):
+        logic.load_grn(REFINER, path, fit_preview=False)
+
+
+def test_wrong_file_kind_names_node(tmp_path):
+    with pytest.raises(logic.GRNNodeError, match=r"^Load GRN: .*tokenizer.*refiner"):
+        logic.load_grn(TOKENIZER, TOKENIZER, fit_preview=False)
+
+
+def test_tiny_choice_without_assets_is_a_clear_error():
+    if model_files.tiny_available():
+        pytest.skip("the tiny model ships in this checkout")
+    with pytest.raises(logic.GRNNodeError, match=r"^Load GRN: the built-in 'tiny' model is not part of this install"):
+        logic.load_grn(None, None)
+
+
+def test_bad_dtype_is_rejected():
+    with pytest.raises(logic.GRNNodeError, match="weight_dtype 'fp4'"):
+        logic.load_grn(REFINER, TOKENIZER, weight_dtype="fp4")
+
+
+def test_fp8_storage_keeps_outputs_close(loaded):
+    model = load_model(REFINER, TOKENIZER)
+    layer = next(m for m in model.refiner.modules() if isinstance(m, torch.nn.Linear))
+    x = torch.randn(2, layer.in_features)
+    before = layer(x)
+    assert logic.store_weights_fp8(model.refiner, torch.float8_e4m3fn) > 0
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    after = layer(x)
+    assert after.dtype == x.dtype
+    assert (after - before).abs().max() <= 0.1 * before.abs().max()
+
+
+# ---- Encode Prompt ------------------------------------------------------------------------------------------------
+
+def test_auto_task_encodes_every_task_with_its_tag(loaded):
+    encoder = WordHashEncoder()
+    cond = logic.encode_prompt_for(loaded, encoder, "a red circle", "", task="auto")
+    assert set(cond.features) == {"t2i", "t2v", "i2v"} and cond.default_task == "t2i"
+    assert cond.features["t2i"].text == "<T2I>a red circle"
+    assert cond.features["t2v"].text.startswith("<T2V>a red circle")
+    assert cond.features["i2v"].text.startswith("<I2V>a red circle")
+    assert cond.features["t2v"].uncond is not None
+
+
+def test_task_tag_can_be_switched_off(loaded):
+    encoder = WordHashEncoder()
+    cond = logic.encode_prompt_for(loaded, encoder, "<T2V>my own tag", task="t2v", add_task_tag=False)
+    assert list(cond.features) == ["t2v"] and encoder.calls[0] == "<T2V>my own tag"
+
+
+def test_prompt_errors_name_the_node(loaded):
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Encode Prompt: .*needs a umt5-xxl text encoder"):
+        logic.encode_prompt_for(loaded, None, "a red circle")
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Encode Prompt: .*features are 16-wide"):
+        logic.encode_prompt_for(loaded, WordHashEncoder(16), "a red circle")
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Encode Prompt: the prompt is empty"):
+        logic.encode_prompt_for(loaded, WordHashEncoder(), "   ")
+
+
+class FakeClip:
+    """ComfyUI's CLIP object as CLIPLoader(type='wan') returns it: tokenize -> {'umt5xxl': [[(id, w), ...]]}."""
+
+    def __init__(self, key: str = "umt5xxl", width: int = 4096):
+        self.key, self.width, self.tokens = key, width, None
+
+    def tokenize(self, text, disable_weights=False, tokenizer_options=None):
+        assert disable_weights and tokenizer_options == {"umt5xxl_min_length": 1}
+        ids = [(100 + (ord(c) % 50), 1.0) for c in text.replace(" ", "")]
+        return {self.key: [ids + [(1, 1.0)]]}
+
+    def encode_from_tokens(self, tokens, return_dict=False):
+        self.tokens = tokens
+        n = len(tokens[self.key][0])
+        return {"cond": torch.ones(1, n, self.width), "pooled_output": None}
+
+
+def test_clip_input_uses_wan_tokenization_cut_to_511_plus_eos():
+    clip = FakeClip()
+    features = logic.ClipPromptEncoder(clip).encode("x" * 600)
+    ids = clip.tokens["umt5xxl"][0]
+    assert len(ids) == 512 and ids[-1][0] == 1 and features.shape == (512, 4096)
+    short = logic.ClipPromptEncoder(clip).encode("  a &amp; b  ")  # cleaned like Wan: unescaped, trimmed
+    assert short.shape == (3 + 1, 4096)
+
+
+def test_clip_that_is_not_umt5_is_refused():
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Encode Prompt: the CLIP input is not umt5-xxl.*type 'wan'"):
+        logic.ClipPromptEncoder(FakeClip(key="t5xxl")).encode("a cat")
+
+
+# ---- Refine Sampler: sizes, tasks, settings ------------------------------------------------------------------------
+
+def test_custom_size_snaps_to_the_grid(loaded):
+    plan = logic.plan_size(loaded, 850, 470, 34)
+    assert (plan.width, plan.height, plan.frames) == (848, 464, 33)
+    assert plan.snapped and "snapped from 850x470" in plan.note
+    assert logic.plan_size(loaded, 848, 480, 33).snapped is False
+    assert logic.plan_size(loaded, 848, 480, 33, task="t2i").frames == 1
+    assert logic.plan_size(loaded, 64, 64, 1, duration=2.0).frames == 33
+    assert logic.plan_size(loaded, 5, 5, 1).width == 16
+
+
+def test_bucket_and_aspect_give_the_trained_size(loaded):
+    plan = logic.plan_size(loaded, 100, 100, 1, resolution="0.41M", aspect="16:9", task="t2i")
+    assert (plan.width, plan.height) == (848, 480)
+
+
+def test_size_beyond_buckets_names_node_and_fix(loaded):
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Refine Sampler: 4096x4096 .*largest bucket.*pick a resolution"):
+        logic.plan_size(loaded, 4096, 4096, 1)
+
+
+def test_snap_frames():
+    assert [logic.snap_frames(f) for f in (1, 2, 3, 4, 5, 34, 81)] == [1, 1, 5, 5, 5, 33, 81]
+
+
+def test_first_frame_needs_an_i2v_model(loaded, conditioning):
+    no_i2v = logic.LoadedGRN(GRNModel(loaded.model.refiner, loaded.model.tokenizer, ("t2v",)), "GRN_T2V_2B.pth", "tok")
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Refine Sampler: .*no image-to-video.*GRN_T2V_TITAN"):
+        logic.choose_task(no_i2v, conditioning, has_first_frame=True)
+    assert logic.choose_task(loaded, conditioning, has_first_frame=True) == "i2v"
+    assert logic.choose_task(loaded, conditioning, has_first_frame=False) == "t2i"
+    with pytest.raises(logic.GRNNodeError, match="connect a conditioning"):
+        logic.choose_task(loaded, None, has_first_frame=False)
+
+
+def test_settings_from_widgets():
+    s = logic.build_settings("t2v", 30, 3.0, 1.0, 1.0, 0.1, adaptive=True, min_steps=10, warmup=3, k=50.0, b=1.0)
+    assert s.steps == 30 and s.cfg_interval == 0.1 and s.adaptive.k == 50.0 and s.adaptive.min_steps == 10
+    c = logic.build_settings("c2i", 50, 2.35, 1.31)
+    assert type(c).__name__ == "C2ISettings"
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Refine Sampler: adaptive steps need"):
+        logic.build_settings("t2v", 10, 3.0, 1.0, adaptive=True, min_steps=20, warmup=5)
+
+
+def test_image_to_frame_crops_and_scales():
+    image = torch.rand(1, 100, 60, 3)
+    frame = logic.image_to_frame(image, 48, 64)
+    assert frame.shape == (3, 64, 48) and frame.min() >= -1 and frame.max() <= 1
+
+
+# ---- Refine Sampler: the run ---------------------------------------------------------------------------------------
+
+def test_run_sends_one_small_event_per_step_and_records_stats(loaded, conditioning):
+    events, progress = [], []
+    recorder = logic.StepRecorder(node="7", prompt_id="p1", size=(64, 48, 5), send=events.append,
+                                  progress=lambda s, t, rgb: progress.append((s, t, rgb is not None)))
+    plan = logic.plan_size(loaded, 64, 48, 5, task="t2v")
+    settings = logic.build_settings("t2v", 4, 3.0, 1.0)
+    result = logic.run_sampler(loaded, conditioning, plan, 11, settings, "t2v", recorder=recorder)
+    assert result.bits.shape == (1, 32, 2, 3, 4)
+    assert [e["step"] for e in events] == [0, 1, 2, 3] and all(e["total"] == 4 for e in events)
+    assert progress == [(1, 4, True), (2, 4, True), (3, 4, True), (4, 4, True)]
+    for event in events:
+        assert event_size(event) <= MAX_EVENT_BYTES
+        assert json.loads(json.dumps(event)) == event
+        assert event["node"] == "7" and event["prompt_id"] == "p1" and event["size"] == [64, 48, 5]
+        assert sum(event["counts"].values()) == 2 * 3 * 4
+        m = event["map"]
+        states = unpack_state_map(m["data"], (m["t"], m["h"], m["w"]))
+        assert states.shape == (2, 3, 4) and int(states.max()) <= 3
+        assert event["preview"]["mime"] == "image/jpeg"
+    assert len(result.extras["steps"]) == 4
+    assert [r["kept"] for r in result.extras["steps"]] == pytest.approx([e["kept"] for e in events], abs=1e-5)
+
+
+def test_interrupt_from_the_progress_hook_propagates(loaded, conditioning):
+    class Stop(Exception):
+        pass
+
+    def progress(step, total, rgb):
+        if step == 2:
+            raise Stop()
+
+    recorder = logic.StepRecorder(progress=progress)
+    plan = logic.plan_size(loaded, 64, 48, 1, task="t2i")
+    with pytest.raises(Stop):
+        logic.run_sampler(loaded, conditioning, plan, 0, logic.build_settings("t2i", 5, 3.0, 1.0), "t2i",
+                          recorder=recorder)
+    assert len(recorder.records) == 2
+
+
+def test_adaptive_decision_changes_the_total(loaded, conditioning):
+    events = []
+    recorder = logic.StepRecorder(node="1", send=events.append)
+    plan = logic.plan_size(loaded, 32, 32, 1, task="t2i")
+    settings = logic.build_settings("t2i", 12, 1.0, 1.0, adaptive=True, min_steps=4, warmup=2, k=0.0, b=3.0)
+    result = logic.run_sampler(loaded, conditioning, plan, 0, settings, "t2i", recorder=recorder)
+    assert events[0]["total"] == 12 and events[-1]["total"] == 5 and len(events) == 5
+    assert events[-1]["decided"] == 5 and events[-1]["planned"] == 12
+    chart = logic.render_stats(result)
+    assert chart.shape == (1, 512, 768, 3) and 0 <= float(chart.min()) and float(chart.max()) <= 1
+
+
+def test_i2v_with_a_first_frame(loaded, conditioning):
+    plan = logic.plan_size(loaded, 64, 48, 5, task="i2v")
+    frame = logic.image_to_frame(torch.rand(1, 48, 64, 3), plan.width, plan.height)
+    result = logic.run_sampler(loaded, conditioning, plan, 0, logic.build_settings("i2v", 2, 3.0, 1.0), "i2v",
+                               first_frame=frame)
+    assert result.bits.shape == (1, 32, 2, 3, 4)
+
+
+# ---- Decode Video / Encode Image / Stats ---------------------------------------------------------------------------
+
+def test_decode_gives_comfy_images(loaded, conditioning):
+    plan = logic.plan_size(loaded, 64, 48, 5, task="t2v")
+    tokens = logic.run_sampler(loaded, conditioning, plan, 3, logic.build_settings("t2v", 2, 3.0, 1.0), "t2v")
+    images = logic.decode_to_images(loaded, tokens)
+    assert images.shape == (5, 48, 64, 3) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    tiled = logic.decode_to_images(loaded, tokens, tile=2, overlap=1)
+    assert tiled.shape == images.shape and 0 <= float(tiled.min()) and float(tiled.max()) <= 1
+
+
+def test_decode_refuses_tokens_of_another_model(loaded):
+    bits = torch.zeros(1, 16, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(logic.GRNNodeError, match=r"^GRN Decode Video: the tokens have 16 bit channels"):
+        logic.decode_to_images(loaded, bits)
+
+
+def test_encode_image_snaps_and_roundtrips_shape(loaded):
+    tokens = logic.encode_images(loaded, torch.rand(6, 70, 50, 3))
+    assert tokens.bits.shape == (1, 32, 2, 4, 3) and tokens.frames == 5
+    assert (tokens.width, tokens.height) == (48, 64)
+    assert logic.decode_to_images(loaded, tokens).shape == (5, 64, 48, 3)
+    chart = logic.render_stats(tokens)  # no steps: still a chart, saying so
+    assert chart.shape[0] == 1
+
+
+def test_hashed_encoder_fits_the_pipeline_protocol(loaded):
+    pytest.importorskip("grn_core.text.hashed")
+    from grn_core.text.hashed import HashedTextEncoder
+
+    encoder = logic.PromptEncoderAdapter(HashedTextEncoder(dim=32))
+    cond = logic.encode_prompt_for(loaded, encoder, "a red circle", "", task="t2v")
+    assert cond.features["t2v"].cond.shape[-1] == 32 and cond.features["t2v"].uncond.shape == (1, 32)

@@ -1,0 +1,169 @@
+"""The node schemas and the shipped workflows agree, read without ComfyUI.
+
+A minimal stand-in for ``comfy_api.latest`` (only what ``nodes/comfy_nodes.py`` touches) is put into
+``sys.modules`` for the import, so the real schema definitions are read and their widget order compared with every
+workflow's ``widgets_values``. The pack's ``__init__`` must stay harmless without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tests._workflows import CORE_WIDGETS, FRONTEND_ONLY, WORKFLOWS, load, to_api_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_FILES = ["grn_tiny_t2v.json", "grn_t2i_2b.json", "grn_t2v_2b.json", "grn_i2v_8b.json", "grn_c2i.json"]
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _fake_comfy_api() -> types.ModuleType:
+    class Input:
+        def __init__(self, id, *args, optional=False, **kwargs):
+            self.id, self.optional, self.kwargs = id, optional, kwargs
+            if args:  # Combo.Input(id, options)
+                self.kwargs["options"] = args[0]
+
+    def kind(io_type):
+        output = type("Output", (), {"io_type": io_type, "__init__": lambda self, id=None, **kw: None})
+        return type(f"Kind_{io_type}", (), {"io_type": io_type, "Output": output,
+                                             "Input": type("Input", (Input,), {"io_type": io_type})})
+
+    io = types.SimpleNamespace(
+        ComfyNode=type("ComfyNode", (), {"hidden": None}),
+        Schema=lambda **kw: types.SimpleNamespace(**{"hidden": None, **kw}),
+        NodeOutput=lambda *args, ui=None: types.SimpleNamespace(args=args, ui=ui),
+        Hidden=types.SimpleNamespace(unique_id="UNIQUE_ID"),
+        Custom=kind,
+        **{name: kind(t) for name, t in [("Combo", "COMBO"), ("Boolean", "BOOLEAN"), ("Int", "INT"),
+                                         ("Float", "FLOAT"), ("String", "STRING"), ("Clip", "CLIP"),
+                                         ("Image", "IMAGE")]},
+    )
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io = io
+    latest.ComfyExtension = type("ComfyExtension", (), {})
+    return latest
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes():
+    saved = {k: sys.modules.get(k) for k in ("comfy_api", "comfy_api.latest", "nodes.comfy_nodes")}
+    sys.modules["comfy_api"] = types.ModuleType("comfy_api")
+    sys.modules["comfy_api.latest"] = _fake_comfy_api()
+    sys.modules.pop("nodes.comfy_nodes", None)
+    try:
+        yield importlib.import_module("nodes.comfy_nodes")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+
+
+@pytest.fixture(scope="module")
+def schemas(comfy_nodes) -> dict:
+    return {cls.define_schema().node_id: cls.define_schema() for cls in comfy_nodes.NODES}
+
+
+def widget_names(schema) -> list[str]:
+    inputs = [i for i in schema.inputs if not i.optional] + [i for i in schema.inputs if i.optional]
+    names = []
+    for item in inputs:
+        if item.io_type in WIDGET_KINDS:
+            names.append(item.id)
+            if item.kwargs.get("control_after_generate"):
+                names.append("control_after_generate")
+    return names
+
+
+def test_six_nodes_with_grn_ids_and_types(schemas):
+    assert set(schemas) == {"GRNLoadModel", "GRNEncodePrompt", "GRNRefineSampler", "GRNDecodeVideo",
+                            "GRNEncodeImage", "GRNRefineStats"}
+    names = {s.display_name for s in schemas.values()}
+    assert names == {"Load GRN", "Encode Prompt", "Refine Sampler", "Decode Video", "Encode Image", "Refine Stats"}
+    custom = {i.io_type for s in schemas.values() for i in s.inputs if i.io_type not in WIDGET_KINDS}
+    assert custom - {"CLIP", "IMAGE"} == {"GRN_MODEL", "GRN_CONDITIONING", "GRN_TOKENS"}
+
+
+def test_loader_offers_tiny_and_released_files_without_comfyui(schemas):
+    refiner = next(i for i in schemas["GRNLoadModel"].inputs if i.id == "refiner")
+    assert refiner.kwargs["options"][0] == "tiny" and "GRN_T2V_2B_FSA_sft147400_ema.pth" in refiner.kwargs["options"]
+
+
+@pytest.mark.parametrize("name", WORKFLOW_FILES)
+def test_workflow_is_ui_format_with_known_nodes(name, schemas):
+    wf = load(name)
+    assert wf["version"] == 0.4
+    types_ = {n["type"] for n in wf["nodes"]}
+    assert types_ <= set(schemas) | set(CORE_WIDGETS) | FRONTEND_ONLY, types_
+    notes = [n for n in wf["nodes"] if n["type"] in FRONTEND_ONLY]
+    assert notes and all("models/grn" in n["widgets_values"][0] or "tiny" in n["widgets_values"][0] for n in notes)
+    ids = {n["id"] for n in wf["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        assert src in ids and dst in ids
+        target = next(n for n in wf["nodes"] if n["id"] == dst)
+        source = next(n for n in wf["nodes"] if n["id"] == src)
+        assert target["inputs"][dst_slot]["link"] == link_id and target["inputs"][dst_slot]["type"] == kind
+        assert link_id in source["outputs"][src_slot]["links"] and source["outputs"][src_slot]["type"] == kind
+
+
+@pytest.mark.parametrize("name", WORKFLOW_FILES)
+def test_widget_values_match_the_schemas(name, schemas):
+    wf = load(name)
+    for node in wf["nodes"]:
+        if node["type"] in schemas:
+            schema = schemas[node["type"]]
+            names = widget_names(schema)
+            assert len(node["widgets_values"]) == len(names), (node["type"], names, node["widgets_values"])
+            for item, value in zip([i for i in names], node["widgets_values"]):
+                spec = next((i for i in schema.inputs if i.id == item), None)
+                if spec is not None and spec.io_type == "COMBO":
+                    assert value in spec.kwargs["options"], (node["type"], item, value)
+                if spec is not None and spec.io_type in ("INT", "FLOAT"):
+                    lo, hi = spec.kwargs.get("min"), spec.kwargs.get("max")
+                    assert (lo is None or value >= lo) and (hi is None or value <= hi), (node["type"], item, value)
+            for slot in node["inputs"]:
+                assert any(i.id == slot["name"] for i in schema.inputs), (node["type"], slot["name"])
+        elif node["type"] in CORE_WIDGETS:
+            assert len(node["widgets_values"]) == len(CORE_WIDGETS[node["type"]]), node["type"]
+
+
+def test_tiny_workflow_converts_to_an_api_prompt(schemas):
+    def names(kind):
+        return widget_names(schemas[kind]) if kind in schemas else CORE_WIDGETS[kind]
+
+    prompt = to_api_prompt(load("grn_tiny_t2v.json"), names)
+    classes = sorted(v["class_type"] for v in prompt.values())
+    assert "Note" not in classes and "GRNRefineSampler" in classes and "SaveVideo" in classes
+    sampler = next(v for v in prompt.values() if v["class_type"] == "GRNRefineSampler")
+    assert "control_after_generate" not in sampler["inputs"]
+    assert sampler["inputs"]["model"][1] == 0 and isinstance(sampler["inputs"]["model"][0], str)
+    video = next(v for v in prompt.values() if v["class_type"] == "CreateVideo")
+    assert isinstance(video["inputs"]["fps"], list)  # the fps comes from Decode Video
+    json.dumps(prompt)
+
+
+def test_workflows_are_up_to_date_with_the_generator(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_workflows", ROOT / "tools" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, graph in module.workflows().items():
+        assert json.loads((WORKFLOWS / name).read_text()) == json.loads(json.dumps(graph.to_json())), name
+
+
+def test_pack_init_is_harmless_without_comfyui():
+    """Run in a fresh interpreter: the stub above must not leak into this check."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('grn_pack_probe', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(m.WEB_DIRECTORY, hasattr(m, 'comfy_entrypoint'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["./web", "False", "False"]  # no nodes registered, and not even torch imported
+    assert (ROOT / "web" / "grn_refine_widget.js").is_file()

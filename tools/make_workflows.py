@@ -1,0 +1,223 @@
+"""Write the example workflows in ``workflows/`` (ComfyUI UI format, version 0.4).
+
+    python tools/make_workflows.py
+
+Widget values follow each node's widget order; ``tests/test_nodes_workflows.py`` checks them against the node
+schemas, so a changed node fails the tests until this script is re-run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "workflows"
+
+# Widget names of our nodes, in schema order (required inputs first, then optional ones).
+GRN_WIDGETS = {
+    "GRNLoadModel": ["refiner", "tokenizer", "weight_dtype", "layout", "offload", "download_missing"],
+    "GRNEncodePrompt": ["prompt", "negative_prompt", "task", "add_task_tag", "umt5_file"],
+    "GRNRefineSampler": ["width", "height", "resolution", "aspect", "frames", "duration", "seed",
+                         "control_after_generate", "steps", "adaptive_steps", "min_steps", "warmup", "adaptive_k",
+                         "adaptive_b", "guidance", "guidance_interval", "temperature", "shift", "class_index"],
+    "GRNDecodeVideo": ["tile"],
+    "GRNEncodeImage": ["width", "height"],
+    "GRNRefineStats": [],
+}
+SAMPLER_DEFAULTS = dict(width=848, height=480, resolution="custom", aspect="from width/height", frames=33,
+                        duration=0.0, seed=42, control_after_generate="fixed", steps=50, adaptive_steps=False,
+                        min_steps=20, warmup=5, adaptive_k=90.0, adaptive_b=0.0, guidance=3.0,
+                        guidance_interval=0.0, temperature=1.0, shift=1.0, class_index=0)
+# Sockets: (inputs [(name, type, is_widget_input)], outputs [(name, type)])
+SOCKETS = {
+    "GRNLoadModel": ([], [("model", "GRN_MODEL")]),
+    "GRNEncodePrompt": ([("model", "GRN_MODEL"), ("clip", "CLIP")], [("conditioning", "GRN_CONDITIONING")]),
+    "GRNRefineSampler": ([("model", "GRN_MODEL"), ("conditioning", "GRN_CONDITIONING"), ("first_frame", "IMAGE"),
+                          ("first_frame_tokens", "GRN_TOKENS")], [("tokens", "GRN_TOKENS")]),
+    "GRNDecodeVideo": ([("model", "GRN_MODEL"), ("tokens", "GRN_TOKENS")], [("images", "IMAGE"), ("fps", "FLOAT")]),
+    "GRNEncodeImage": ([("model", "GRN_MODEL"), ("image", "IMAGE")], [("tokens", "GRN_TOKENS")]),
+    "GRNRefineStats": ([("tokens", "GRN_TOKENS")], [("chart", "IMAGE")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], [("VIDEO", "VIDEO")]),
+    "SaveVideo": ([("video", "VIDEO")], []),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "SaveAnimatedWEBP": ([("images", "IMAGE")], []),
+    "Note": ([], []),
+}
+WIDGET_INPUTS = {("CreateVideo", "fps")}  # sockets that are also widgets (their value stays in widgets_values)
+SIZES = {"GRNRefineSampler": [420, 900], "Note": [420, 260], "GRNEncodePrompt": [400, 300]}
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, type_: str, pos: tuple[int, int], widgets: list, title: str | None = None) -> int:
+        node_id = len(self.nodes) + 1
+        inputs = []
+        for name, kind in SOCKETS[type_][0]:
+            entry = {"name": name, "type": kind, "link": None}
+            if (type_, name) in WIDGET_INPUTS:
+                entry["widget"] = {"name": name}
+            inputs.append(entry)
+        outputs = [{"name": n, "type": k, "links": [], "slot_index": i} for i, (n, k) in enumerate(SOCKETS[type_][1])]
+        node = {"id": node_id, "type": type_, "pos": list(pos), "size": SIZES.get(type_, [320, 160]), "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+        if type_ == "Note":
+            node["properties"] = {}
+            node["color"], node["bgcolor"] = "#432", "#653"
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, src: int, src_slot: int, dst: int, dst_input: str) -> None:
+        link_id = len(self.links) + 1
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        slot = next(i for i, s in enumerate(target["inputs"]) if s["name"] == dst_input)
+        kind = source["outputs"][src_slot]["type"]
+        target["inputs"][slot]["link"] = link_id
+        source["outputs"][src_slot]["links"].append(link_id)
+        self.links.append([link_id, src, src_slot, dst, slot, kind])
+
+    def to_json(self) -> dict:
+        return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0, "last_node_id": len(self.nodes),
+                "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
+                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def grn(type_: str, **values) -> list:
+    base = dict(SAMPLER_DEFAULTS) if type_ == "GRNRefineSampler" else {}
+    base.update(values)
+    return [base[name] for name in GRN_WIDGETS[type_]]
+
+
+def loader(refiner: str) -> list:
+    return grn("GRNLoadModel", refiner=refiner, tokenizer="auto", weight_dtype="default", layout="auto",
+               offload="offload after run", download_missing=False)
+
+
+def prompt_node(text: str, task: str = "auto") -> list:
+    return grn("GRNEncodePrompt", prompt=text, negative_prompt="", task=task, add_task_tag=True, umt5_file="none")
+
+
+FILES_NOTE = ("Files: put the GRN refiner and the HBQ tokenizer into ComfyUI/models/grn/ (refiners may also go in "
+              "models/diffusion_models/); the text encoder umt5_xxl_fp16.safetensors (the one Wan 2.1/2.2 use) into "
+              "ComfyUI/models/text_encoders/. All GRN files: Hugging Face bytedance-research/GRN. Or switch on "
+              "'download_missing' in Load GRN.")
+
+
+def video_tail(g: Graph, load: int, sampler: int, x: int, prefix: str) -> None:
+    decode = g.add("GRNDecodeVideo", (x, 60), [0])
+    g.link(load, 0, decode, "model")
+    g.link(sampler, 0, decode, "tokens")
+    video = g.add("CreateVideo", (x + 360, 60), [16.0])
+    g.link(decode, 0, video, "images")
+    g.link(decode, 1, video, "fps")
+    save = g.add("SaveVideo", (x + 720, 60), [prefix, "auto", "auto"])
+    g.link(video, 0, save, "video")
+    stats = g.add("GRNRefineStats", (x, 420), [])
+    g.link(sampler, 0, stats, "tokens")
+    preview = g.add("PreviewImage", (x + 360, 420), [])
+    g.link(stats, 0, preview, "images")
+
+
+def image_tail(g: Graph, load: int, sampler: int, x: int, prefix: str) -> None:
+    decode = g.add("GRNDecodeVideo", (x, 60), [0])
+    g.link(load, 0, decode, "model")
+    g.link(sampler, 0, decode, "tokens")
+    save = g.add("SaveImage", (x + 360, 60), [prefix])
+    g.link(decode, 0, save, "images")
+    stats = g.add("GRNRefineStats", (x, 420), [])
+    g.link(sampler, 0, stats, "tokens")
+    preview = g.add("PreviewImage", (x + 360, 420), [])
+    g.link(stats, 0, preview, "images")
+
+
+def tiny_t2v() -> Graph:
+    g = Graph()
+    g.add("Note", (40, 520), ["GRN tiny text-to-video: runs as shipped, no downloads. The 'tiny' model and its "
+                              "built-in text encoder come with ComfyUI-GRN (grn_core/assets/tiny/); it knows "
+                              "captions like 'a red circle moving right' on small clips. Watch the refinement on "
+                              "the Refine Sampler node: fill = pink, keep = blue, erase = yellow, blank = gray."])
+    load = g.add("GRNLoadModel", (40, 60), loader("tiny"))
+    enc = g.add("GRNEncodePrompt", (40, 240), prompt_node("a red circle moving right", "t2v"))
+    g.link(load, 0, enc, "model")
+    sampler = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", width=64, height=64, frames=9,
+                                                      steps=12, guidance=3.0))
+    g.link(load, 0, sampler, "model")
+    g.link(enc, 0, sampler, "conditioning")
+    video_tail(g, load, sampler, 940, "grn/tiny_t2v")
+    return g
+
+
+def text_model(refiner: str, note: str, *, video: bool, task: str, prompt: str, sampler: dict,
+               first_frame: bool = False) -> Graph:
+    g = Graph()
+    g.add("Note", (40, 600), [note + " " + FILES_NOTE])
+    load = g.add("GRNLoadModel", (40, 60), loader(refiner))
+    clip = g.add("CLIPLoader", (40, 240), ["umt5_xxl_fp16.safetensors", "wan", "default"])
+    enc = g.add("GRNEncodePrompt", (40, 380), prompt_node(prompt, task))
+    g.link(load, 0, enc, "model")
+    g.link(clip, 0, enc, "clip")
+    s = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", **sampler))
+    g.link(load, 0, s, "model")
+    g.link(enc, 0, s, "conditioning")
+    if first_frame:
+        image = g.add("LoadImage", (40, 820), ["example.png", "image"])
+        g.link(image, 0, s, "first_frame")
+    (video_tail if video else image_tail)(g, load, s, 940, f"grn/{task}")
+    return g
+
+
+def c2i() -> Graph:
+    g = Graph()
+    g.add("Note", (40, 420), ["GRN class-to-image (ImageNet 256x256, GRN_ind_B). Files: GRN_ind_B_ep599.pth and "
+                              "HBQ_image_tokenizer_16dim_M4.ckpt into ComfyUI/models/grn/ (Hugging Face "
+                              "bytedance-research/GRN, or switch on 'download_missing'). No text encoder: set the "
+                              "ImageNet class index on the sampler (207 = golden retriever). Settings are the "
+                              "released complexity-aware evaluation: guidance 2.35, temperature 1.31, adaptive "
+                              "steps k 700, b -620, 20..50 steps."])
+    load = g.add("GRNLoadModel", (40, 60), loader("GRN_ind_B_ep599.pth"))
+    s = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", width=256, height=256, frames=1, steps=50,
+                                                adaptive_steps=True, min_steps=20, warmup=5, adaptive_k=700.0,
+                                                adaptive_b=-620.0, guidance=2.35, temperature=1.31,
+                                                class_index=207))
+    g.link(load, 0, s, "model")
+    image_tail(g, load, s, 940, "grn/c2i")
+    return g
+
+
+def workflows() -> dict[str, Graph]:
+    return {
+        "grn_tiny_t2v.json": tiny_t2v(),
+        "grn_t2i_2b.json": text_model(
+            "GRN_T2I_2B_FSA_251600.pth", "GRN 2B text-to-image (1024x1024 bucket '1M').", video=False, task="t2i",
+            prompt="a red fox in fresh snow, morning light, detailed fur",
+            sampler=dict(resolution="1M", aspect="1:1", width=1024, height=1024, frames=1, temperature=1.1)),
+        "grn_t2v_2b.json": text_model(
+            "GRN_T2V_2B_FSA_sft147400_ema.pth", "GRN 2B text-to-video (848x480, 33 frames at 16 fps).", video=True,
+            task="t2v", prompt="a red fox running through fresh snow, tracking shot",
+            sampler=dict(resolution="0.41M", aspect="16:9", frames=33)),
+        "grn_i2v_8b.json": text_model(
+            "GRN_T2V_TITAN_FSA_sft10600_ema.pth",
+            "GRN 8B image-to-video: the LoadImage picture becomes the first frame (cropped to the video size). "
+            "The 8B model needs a large GPU; try weight_dtype fp8_e4m3fn on smaller ones.", video=True, task="i2v",
+            prompt="the camera slowly pushes in, leaves move in the wind",
+            sampler=dict(resolution="0.41M", aspect="16:9", frames=33), first_frame=True),
+        "grn_c2i.json": c2i(),
+    }
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name, graph in workflows().items():
+        (OUT / name).write_text(json.dumps(graph.to_json(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
