@@ -1,14 +1,14 @@
 """The pack inside a real ComfyUI: runs only when ``COMFYUI_DIR`` points at a ComfyUI checkout (0.3.64 tested).
 
-Starts ``main.py --cpu`` with this repository linked into ``custom_nodes/ComfyUI-GRN`` (Python: ``COMFYUI_PYTHON``,
-default this interpreter; ComfyUI's requirements and ours must be installed there), then:
+Starts ``main.py --cpu`` with this repository linked into ``custom_nodes/ComfyUI-GRN`` (``tests/_comfyui.py``; Python:
+``COMFYUI_PYTHON``, default this interpreter; ComfyUI's requirements and ours must be installed there), then:
 ``/object_info`` lists every node; ``workflows/grn_tiny_t2v.json`` converted to an API prompt is queued; one
 ``grn.refine`` widget event per step arrives over the websocket; the history names a video file that ``/view``
 serves; a second run is interrupted midway and a third completes.
 
 Until the built-in tiny model ships, the test swaps in the golden refiner/tokenizer and the golden umt5 encoder
-(with a small word-level tokenizer.json written here), placed in a temporary models folder registered through
-``--extra-model-paths-config`` — which also checks that the pack's ``models/grn`` registration keeps user paths.
+(``tests/_comfyui.py``), placed in a temporary models folder registered through ``--extra-model-paths-config`` —
+which also checks that the pack's ``models/grn`` registration keeps user paths.
 """
 
 from __future__ import annotations
@@ -16,24 +16,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests._golden import GOLDEN
+from tests._comfyui import COMFYUI_DIR, comfyui_server, stand_in_inputs
 from tests._workflows import load, to_api_prompt, widget_names_from_object_info
 
-ROOT = Path(__file__).resolve().parent.parent
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the "
                                                         "integration test (see tests/test_comfyui_integration.py)")
 NODES = ["GRNLoadModel", "GRNEncodePrompt", "GRNRefineSampler", "GRNDecodeVideo", "GRNEncodeImage", "GRNRefineStats"]
@@ -98,67 +92,10 @@ class WebSocket:
         self.sock.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _write_stand_in_models(folder: Path) -> None:
-    """Golden refiner + tokenizer + umt5 (32-wide text) and a word-level tokenizer.json for the umt5 file."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    grn = folder / "grn"
-    grn.mkdir(parents=True)
-    shutil.copy(GOLDEN / "refiner_joint_weights.safetensors", grn / "golden_refiner.safetensors")
-    shutil.copy(GOLDEN / "tokenizer_weights.safetensors", grn / "golden_tokenizer.safetensors")
-    shutil.copy(GOLDEN / "umt5_weights.safetensors", grn / "golden_umt5.safetensors")
-    words = "a red green blue circle square moving right left up down high aesthetic and quality video".split()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(grn / "golden_umt5.tokenizer.json"))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    comfy = Path(COMFYUI_DIR)
-    assert (comfy / "main.py").is_file(), f"COMFYUI_DIR={COMFYUI_DIR} has no main.py"
-    link = comfy / "custom_nodes" / "ComfyUI-GRN"
-    if not link.exists():
-        link.symlink_to(ROOT, target_is_directory=True)
-    assert link.resolve() == ROOT, f"{link} points elsewhere; remove it or point it at {ROOT}"
-    work = tmp_path_factory.mktemp("comfyui")
-    _write_stand_in_models(work / "models")
-    extra = work / "extra_model_paths.yaml"
-    extra.write_text(f"grn_test:\n    base_path: {work / 'models'}\n    grn: grn\n")
-    port = _free_port()
-    log = open(work / "server.log", "w")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.Popen(
-        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--extra-model-paths-config",
-         str(extra), "--output-directory", str(work / "output"), "--temp-directory", str(work / "temp")],
-        cwd=comfy, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited: {(work / 'server.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(base + "/system_stats", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("ComfyUI did not start within 240 s")
-        yield {"base": base, "port": port, "log": work / "server.log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with comfyui_server(tmp_path_factory.mktemp("comfyui")) as running:
+        yield running
 
 
 def _get(server, path: str):
@@ -184,23 +121,13 @@ def object_info(server):
 
 def _tiny_prompt(object_info: dict, seed: int, steps: int) -> dict:
     prompt = to_api_prompt(load("grn_tiny_t2v.json"), lambda kind: widget_names_from_object_info(object_info[kind]))
-    refiners = object_info["GRNLoadModel"]["input"]["required"]["refiner"][1]["options"]
-    tiny_ready = "tiny" in refiners and _tiny_ships()
+    stand_ins = stand_in_inputs(object_info)
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "GRNLoadModel" and not tiny_ready:
-            inputs.update(refiner="golden_refiner.safetensors", tokenizer="golden_tokenizer.safetensors")
-        if node["class_type"] == "GRNEncodePrompt" and not tiny_ready:
-            inputs.update(umt5_file="golden_umt5.safetensors")
+        inputs.update(stand_ins.get(node["class_type"], {}))
         if node["class_type"] == "GRNRefineSampler":
             inputs.update(seed=seed, steps=steps)
     return prompt
-
-
-def _tiny_ships() -> bool:
-    from nodes.model_files import tiny_available
-
-    return tiny_available()
 
 
 def _run(server, prompt: dict, interrupt_after: int | None = None) -> tuple[str, list, str]:

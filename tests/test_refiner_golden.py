@@ -2,8 +2,8 @@
 
 Every step of the joint-layout ``t2v`` and ``i2v`` records and of the prefix-layout ``t2v`` record is run through the
 public API (``step_logits``) and compared on the visual rows of both guidance branches; in float64
-``sequence_logits`` also checks the rows of the first frame, text and step token (last step of each record). float64 must agree to 1e-5, float32 to 1e-3 (relative to the
-largest golden logit, ``rel_err``).
+``sequence_logits`` also checks the rows of the first frame, text and step token (last step of each record).
+float64 must agree to 1e-5, float32 to 1e-3 (relative to the largest golden logit, ``rel_err``).
 """
 
 import pytest
@@ -18,7 +18,8 @@ RECORDS = [("joint", "t2v"), ("joint", "i2v"), ("prefix", "t2v")]
 
 @pytest.fixture(scope="module")
 def golden():
-    return {layout: (load_golden(f"refiner_{layout}_weights.safetensors"), load_golden(f"refiner_{layout}_io.safetensors"))
+    return {layout: (load_golden(f"refiner_{layout}_weights.safetensors"),
+                     load_golden(f"refiner_{layout}_io.safetensors"))
             for layout in ("joint", "prefix")}
 
 

@@ -1,4 +1,5 @@
-"""Refiner behaviour beyond the golden records: batching, branches, text caching, GQA, dtypes, config, buckets, errors."""
+"""Refiner behaviour beyond the golden records: batching, branches, text caching, GQA, dtypes, config, buckets and
+input errors."""
 
 import json
 import math
@@ -42,7 +43,8 @@ def random_model(config, seed=0, dtype=torch.float64):
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Non-trivial norm weights and biases so that every parameter matters.
-            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5) + (1.0 if name.endswith("norm.weight") else 0.0))
+            offset = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5) + offset)
     return model.to(dtype).eval()
 
 

@@ -20,6 +20,7 @@ const STATE_NAMES = ["fill", "keep", "erase", "blank"];
 const WIDGET_HEIGHT = 300;
 const MAX_HISTORY = 400; // steps kept for scrubbing (each one is at most 64 KB)
 
+const IDLE_TEXT = "GRN: the refinement shows here while the sampler runs";
 let currentPromptId = null; // the prompt the server is running now; events of other prompts are stale
 
 function decodeStates(map) {
@@ -40,22 +41,26 @@ class RefineView {
     this.running = false;
 
     this.root = document.createElement("div");
-    this.root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%;height:100%;font:11px sans-serif;color:#ddd";
+    this.root.style.cssText =
+      "display:flex;flex-direction:column;gap:4px;width:100%;height:100%;padding:0 4px;box-sizing:border-box;" +
+      "font:11px sans-serif;color:#ddd";
     this.canvas = document.createElement("canvas");
     this.canvas.style.cssText = "width:100%;flex:1 1 auto;min-height:120px;background:#1c1e22;border-radius:4px";
+    this.canvas.setAttribute("role", "img"); // the header text doubles as its label (screen readers, tests)
+    this.canvas.setAttribute("aria-label", IDLE_TEXT);
     this.root.appendChild(this.canvas);
 
     const controls = document.createElement("div");
     controls.style.cssText = "display:flex;gap:6px;align-items:center";
     this.stepSlider = this._slider("step", controls, (v) => { this.index = v; this.draw(); });
-    this.frameSlider = this._slider("frame", controls, (v) => { this.frame = v; this.draw(); });
+    this.frameSlider = this._slider("latent frame", controls, (v) => { this.frame = v; this.draw(); });
     this.root.appendChild(controls);
     this._syncControls();
   }
 
   _slider(label, parent, onInput) {
     const wrap = document.createElement("label");
-    wrap.style.cssText = "display:flex;gap:4px;align-items:center;flex:1";
+    wrap.style.cssText = "display:flex;gap:4px;align-items:center;flex:1;white-space:nowrap";
     wrap.textContent = label;
     const input = document.createElement("input");
     input.type = "range";
@@ -123,25 +128,33 @@ class RefineView {
     ctx.clearRect(0, 0, cw, ch);
     ctx.fillStyle = "#1c1e22";
     ctx.fillRect(0, 0, cw, ch);
+    ctx.font = "11px sans-serif"; // a canvas ignores the page's CSS font
     const entry = this.history[this.index];
     if (!entry) {
       ctx.fillStyle = "#999";
-      ctx.fillText("GRN: the refinement shows here while the sampler runs", 8, 18);
+      ctx.fillText(IDLE_TEXT, 8, 18);
+      this.canvas.setAttribute("aria-label", IDLE_TEXT);
       return;
     }
     this._syncControls();
     const ev = entry.event;
-    const top = 20, spark = 46, legend = 16;
-    const areaH = ch - top - spark - legend - 8;
+    const top = 34, spark = 40, stats = 14, legend = 16;
+    const areaH = ch - top - stats - spark - legend - 8;
     const half = (cw - 12) / 2;
 
     // header: step i / N, size, decision
     ctx.fillStyle = "#eee";
+    ctx.font = "bold 12px sans-serif";
     let header = `step ${ev.step + 1} / ${ev.total}`;
     if (ev.decided) header += `  (adaptive: ${ev.planned} \u2192 ${ev.decided})`;
     if (ev.size) header += `   ${ev.size[0]}\u00d7${ev.size[1]}` + (ev.size[2] > 1 ? `, ${ev.size[2]} frames` : "");
-    if (ev.map && ev.map.t > 1) header += `   frame ${this.frame + 1} / ${ev.map.t}`;
+    if (ev.map && ev.map.t > 1) header += `   latent frame ${this.frame + 1} / ${ev.map.t}`;
     ctx.fillText(header, 6, 14);
+    ctx.font = "11px sans-serif";
+    this.canvas.setAttribute("aria-label", header);
+    ctx.fillStyle = "#999"; // panel captions, so the two squares need no guessing
+    ctx.fillText("token states", 4, top - 5);
+    ctx.fillText("preview", 8 + half, top - 5);
 
     // token-state map of the selected latent frame
     if (entry.codes) {
@@ -175,8 +188,16 @@ class RefineView {
       ctx.drawImage(entry.image, col * tw, row * th, tw, th, 8 + half, top, tw * scale, th * scale);
     }
 
-    // entropy sparkline (white) and kept fraction (blue) over the steps so far, marker at the shown step
-    const y0 = top + areaH + 6;
+    // entropy sparkline (white) and kept fraction (blue) over the steps so far, marker at the shown step;
+    // their values sit on a line above the box, coloured like the lines, so the plot stays clear
+    const ys = top + areaH + 4 + 10;
+    let sx = 6;
+    for (const [text, colour] of [[`entropy ${ev.entropy.toFixed(3)}`, "#fff"], [`kept ${(100 * ev.kept).toFixed(1)}% of bits`, "rgb(88,160,227)"]]) {
+      ctx.fillStyle = colour;
+      ctx.fillText(text, sx, ys);
+      sx += ctx.measureText(text).width + 12;
+    }
+    const y0 = ys + 4;
     ctx.strokeStyle = "#444";
     ctx.strokeRect(4, y0, cw - 8, spark);
     const steps = this.history.map((e) => e.event);
@@ -200,12 +221,13 @@ class RefineView {
     ctx.moveTo(mx, y0);
     ctx.lineTo(mx, y0 + spark);
     ctx.stroke();
-    ctx.fillStyle = "#bbb";
-    ctx.fillText(`H ${ev.entropy.toFixed(3)}  kept ${(100 * ev.kept).toFixed(1)}%`, 8, y0 + 11);
 
-    // legend with counts
-    let x = 6;
+    // legend with token counts (a token shows the state most of its bits are in, hence few "keep" tokens while
+    // under half of the bits are kept)
     const ly = y0 + spark + 12;
+    ctx.fillStyle = "#999";
+    ctx.fillText("tokens:", 6, ly);
+    let x = 12 + ctx.measureText("tokens:").width;
     STATE_NAMES.forEach((name, i) => {
       const c = STATE_COLOURS[i];
       ctx.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`;

@@ -167,7 +167,8 @@ def infer_refiner_config(state_dict: Mapping[str, Any], layout: str | None = Non
         raise ValueError(f"block_chunks indices {sorted(chunks)} are not 0..{n_chunks - 1}.")
     per_chunk = {c: len(blocks) for c, blocks in chunks.items()}
     if len(set(per_chunk.values())) != 1 or any(chunks[c] != set(range(per_chunk[c])) for c in chunks):
-        raise ValueError(f"block_chunks hold uneven or gapped block indices: { {c: sorted(b) for c, b in chunks.items()} }.")
+        layout = {c: sorted(b) for c, b in chunks.items()}
+        raise ValueError(f"block_chunks hold uneven or gapped block indices: {layout}.")
     depth = n_chunks * per_chunk[0]
 
     width, in_channels = shape("word_embed.weight")

@@ -142,7 +142,7 @@ class StepEmbedder(nn.Module):
 
 
 class BitHead(nn.Module):
-    """``proj(RMS(x))`` -> ``rounds*d*2`` logits per visual token, laid out ``[bits, 2 classes]``; runs in compute dtype."""
+    """``proj(RMS(x))`` -> ``rounds*d*2`` logits per visual token, laid out ``[bits, 2 classes]`` (compute dtype)."""
 
     def __init__(self, width: int, out_channels: int, eps: float):
         super().__init__()
@@ -230,7 +230,7 @@ class GRNRefiner(nn.Module):
         self.head = BitHead(config.width, config.in_channels, config.norm_eps)
         self._plans: OrderedDict = OrderedDict()
 
-    # -- helpers --------------------------------------------------------------------------------------------------------
+    # -- helpers -------------------------------------------------------------------------------------------------------
 
     @property
     def blocks(self) -> list[Block]:
@@ -339,7 +339,7 @@ class GRNRefiner(nn.Module):
         starts = [ctx.offset(i) for i in run.items]
         return (torch.stack([keys[s:s + length] for s in starts]), torch.stack([values[s:s + length] for s in starts]))
 
-    # -- input checks ---------------------------------------------------------------------------------------------------
+    # -- input checks --------------------------------------------------------------------------------------------------
 
     def _text_items(self, text: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
         if isinstance(text, torch.Tensor):
@@ -357,8 +357,9 @@ class GRNRefiner(nn.Module):
                              f"TextContext from prepare_text().")
         for i, item in enumerate(items):
             if item.dim() != 2 or item.shape[1] != self.config.text_channels:
-                raise ValueError(f"{name}[{i}] has shape {tuple(item.shape)}; expected [L, {self.config.text_channels}] "
-                                 f"(text_channels of this refiner, e.g. umt5-xxl features are 4096 wide).")
+                raise ValueError(f"{name}[{i}] has shape {tuple(item.shape)}; expected "
+                                 f"[L, {self.config.text_channels}] (text_channels of this refiner; umt5-xxl "
+                                 f"features are 4096 wide).")
             if item.shape[0] < 1:
                 raise ValueError(f"{name}[{i}] has no tokens; even an empty prompt has its EOS token.")
             if not item.is_floating_point():
@@ -386,7 +387,8 @@ class GRNRefiner(nn.Module):
                              f"(an image is t=1).")
         if bits.shape[1] != cfg.bits:
             raise ValueError(f"{name} has {bits.shape[1]} channels; this refiner reads rounds*d = {cfg.rounds}*"
-                             f"{cfg.latent_channels} = {cfg.bits} bit channels (round-major, from hbq.features_to_bits).")
+                             f"{cfg.latent_channels} = {cfg.bits} bit channels (round-major, as "
+                             f"hbq.features_to_bits makes them).")
         if bits.is_floating_point() or bits.is_complex():
             raise ValueError(f"{name} has dtype {bits.dtype}; pass 0/1 integer or bool bit labels.")
         if bits.numel() and bits.dtype != torch.bool:
@@ -399,12 +401,13 @@ class GRNRefiner(nn.Module):
         if r.numel() == 1:
             r = r.expand(batch)
         if r.numel() != batch:
-            raise ValueError(f"step_value has {r.numel()} entries for a batch of {batch}; pass a float or a [B] tensor.")
+            raise ValueError(f"step_value has {r.numel()} entries for a batch of {batch}; pass a float or a [B] "
+                             f"tensor.")
         if not bool(torch.isfinite(r).all()):
             raise ValueError(f"step_value {step_value!r} is not finite; it is the kept fraction in [0, 1].")
         return r
 
-    # -- packing --------------------------------------------------------------------------------------------------------
+    # -- packing -------------------------------------------------------------------------------------------------------
 
     def _plan(
         self, grid: tuple[int, int, int], template: float, first_frame: bool, batch: int,
@@ -460,7 +463,7 @@ class GRNRefiner(nn.Module):
         self._plans.clear()
         return super()._apply(fn, *args, **kwargs)
 
-    # -- public API -----------------------------------------------------------------------------------------------------
+    # -- public API ----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def prepare_text(self, text: torch.Tensor | Sequence[torch.Tensor], name: str = "text") -> TextContext:
@@ -533,7 +536,8 @@ class GRNRefiner(nn.Module):
             self._check_bits(first_frame_bits, "first_frame_bits")
             if first_frame_bits.shape[0] not in (1, batch) or tuple(first_frame_bits.shape[2:]) != (1, h, w):
                 raise ValueError(f"first_frame_bits has shape {tuple(first_frame_bits.shape)}; expected "
-                                 f"[{batch} or 1, {cfg.bits}, 1, {h}, {w}] (one clean latent frame on the grid of bits).")
+                                 f"[{batch} or 1, {cfg.bits}, 1, {h}, {w}] (one clean latent frame on the grid of "
+                                 f"bits).")
         if aspect_ratio is None:
             aspect_ratio = h / w
         template = aspect_template(aspect_ratio)
