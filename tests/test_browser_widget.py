@@ -1,0 +1,236 @@
+"""The refinement widget in ComfyUI's real frontend, driven by headless Chromium (selenium + chromedriver).
+
+Runs only when ``COMFYUI_DIR`` points at a ComfyUI checkout (0.3.64 / frontend 1.27.10 tested) and selenium, a
+Chromium and its chromedriver are installed (``CHROMIUM`` / ``CHROMEDRIVER`` override where they are; selenium's
+own driver download is never used). Starts ComfyUI like ``test_comfyui_integration.py`` (``tests/_comfyui.py``),
+opens the page, loads ``workflows/grn_tiny_t2v.json`` with ``app.loadGraphData`` (stand-in model files until the
+tiny model ships), queues it with ``app.queuePrompt`` and screenshots the page while the widget shows
+"step i / N" with 0 < i < N (under pytest's tmp dir; also copied to ``$GRN_SCREENSHOT`` when set). After the run:
+the step slider scrubs, the frame slider picks latent frames, nothing of the widget is in ``widgets_values`` or the
+API prompt, events for other nodes / a missing node / a stale prompt change nothing, and the browser saw no error
+from our script.
+
+The widget draws on a canvas; the text it draws in its header ("step 7 / 24   64×64, 9 frames ...") is also its
+``aria-label``, which is what this test reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from tests._comfyui import COMFYUI_DIR, comfyui_server, stand_in_inputs
+from tests._workflows import load
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+SAMPLER = "GRNRefineSampler"
+STEPS = 24
+WINDOW = (1280, 1300)
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}"]
+# First-run template dialog and minimap would cover the graph.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+
+
+def _skip_reason() -> str | None:
+    if not COMFYUI_DIR:
+        return "set COMFYUI_DIR to a ComfyUI checkout to run the browser test (see tests/test_browser_widget.py)"
+    if importlib.util.find_spec("selenium") is None:
+        return "the browser test needs selenium (pip install selenium) in the test interpreter"
+    if not CHROMIUM or not CHROMEDRIVER:
+        return "the browser test needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)"
+    return None
+
+
+SKIP_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+# Installed before any page script: keep every uncaught error, rejection and console.error with its stack, so the
+# test can tell errors raised by our script from the frontend's own.
+ERROR_HOOKS = """
+window.__grnErrors = [];
+addEventListener('error', e => window.__grnErrors.push(`${e.message} @ ${e.filename}\\n${e.error?.stack ?? ''}`));
+addEventListener('unhandledrejection', e => window.__grnErrors.push(`rejection: ${e.reason?.stack ?? e.reason}`));
+const consoleError = console.error.bind(console);
+console.error = (...args) => { window.__grnErrors.push(`console.error: ${args.map(String).join(' ')}\\n${new Error().stack}`);
+                               consoleError(...args); };
+"""
+VIEW = f"app.graph._nodes.find((n) => n.comfyClass === '{SAMPLER}').__grnRefineView"
+STATE = f"""const v = {VIEW};
+return {{label: v.canvas.getAttribute('aria-label'), running: v.running, steps: v.history.length, index: v.index,
+        promptId: v.promptId, stepSlider: {{disabled: v.stepSlider.disabled, max: Number(v.stepSlider.max)}},
+        frameSlider: {{disabled: v.frameSlider.disabled, max: Number(v.frameSlider.max)}}}};"""
+
+
+def _step(label: str | None) -> tuple[int, int] | None:
+    match = re.match(r"step (\d+) / (\d+)", label or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _wait(driver, script: str, done, timeout: float, what: str, poll: float = 0.15):
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = driver.execute_script(script)
+        if done(value):
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with comfyui_server(tmp_path_factory.mktemp("comfyui"), settings=SETTINGS) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # a driver path: no Selenium Manager
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_HOOKS})
+    driver.console = []  # browser log entries; get_log() drains, so every read is kept here
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _console(driver) -> list[dict]:
+    driver.console += driver.get_log("browser")
+    return driver.console
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    """The frontend with the tiny workflow loaded (stand-in files swapped in) and the sampler node in view."""
+    browser.get(server["base"])
+    _wait(browser, "return !!(window.app?.graph && window.app.extensionManager && window.comfyAPI?.api?.api)",
+          bool, 120, "the frontend to start")
+    assert browser.execute_script("return app.extensions.some((e) => e.name === 'comfyui-grn.refine-widget')"), \
+        "our extension was not registered; console: " + json.dumps(_console(browser)[-20:])
+    object_info = json.loads(browser.execute_script(
+        "return fetch('/object_info/GRNLoadModel').then((r) => r.text())"))
+    browser.execute_script("return app.loadGraphData(arguments[0])", load("grn_tiny_t2v.json"))
+    stand_ins = stand_in_inputs(object_info)
+    browser.execute_script("""
+        const [overrides, sampler, steps] = arguments;
+        for (const node of app.graph._nodes) {
+          for (const [name, value] of Object.entries(overrides[node.comfyClass] ?? {})) {
+            node.widgets.find((w) => w.name === name).value = value;
+          }
+        }
+        const node = app.graph._nodes.find((n) => n.comfyClass === sampler);
+        node.widgets.find((w) => w.name === 'steps').value = steps;
+        // zoom 100 %, the sampler node just below the tab bar, so its widget is readable in the screenshot
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [-node.pos[0] + 40, -node.pos[1] + 110];
+        app.canvas.setDirty(true, true);
+    """, stand_ins, SAMPLER, STEPS)
+    return browser
+
+
+def _serialized_sampler(driver) -> dict:
+    return driver.execute_script(f"return app.graph.serialize().nodes.find((n) => n.type === '{SAMPLER}')")
+
+
+def test_widget_sits_on_the_sampler_and_is_not_serialized(page):
+    widgets = page.execute_script(f"""const node = {VIEW}.node;
+        return node.widgets.map((w) => [w.name, w.serialize ?? null, w.options?.serialize ?? null]);""")
+    ours = [w for w in widgets if w[0] == "grn_refine_view"]
+    assert ours == [["grn_refine_view", False, False]], widgets
+    values = _serialized_sampler(page)["widgets_values"]
+    shipped = next(n for n in load("grn_tiny_t2v.json")["nodes"] if n["type"] == SAMPLER)["widgets_values"]
+    assert len(values) == len(widgets) - 1 == len(shipped)
+    state = page.execute_script(STATE)
+    assert state["label"].startswith("GRN: the refinement shows here") and state["steps"] == 0
+    assert state["stepSlider"]["disabled"]
+
+
+@pytest.fixture(scope="module")
+def run(page, tmp_path_factory):
+    """Queue the workflow, screenshot mid-run, wait for the end; returns what was seen."""
+    before = _serialized_sampler(page)["widgets_values"]
+    prompt = page.execute_script("return app.graphToPrompt().then((p) => p.output)")
+    page.execute_script("return app.queuePrompt(0, 1)")
+    # two thirds in: by then some tokens have most of their bits kept, so the map has colour
+    mid = _wait(page, STATE, lambda s: (_step(s["label"]) or (0, 0))[0] >= 2 * STEPS // 3 or not s["running"] and
+                s["steps"], 180, "the widget to reach two thirds of the run")
+    assert mid["running"], f"the run ended before the screenshot could be taken: {mid}"
+    shots = tmp_path_factory.mktemp("screenshots")
+    screenshot = shots / "widget_mid_run.png"
+    page.save_screenshot(str(screenshot))
+    page.execute_script(f"return {VIEW}.root").screenshot(str(shots / "widget_mid_run_crop.png"))
+    after_shot = page.execute_script(STATE)
+    if os.environ.get("GRN_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["GRN_SCREENSHOT"])
+    end = _wait(page, STATE, lambda s: _step(s["label"]) == (STEPS, STEPS) and not s["running"], 180,
+                "the run to end")
+    return {"mid": mid, "after_shot": after_shot, "end": end, "screenshot": screenshot, "before": before,
+            "prompt": prompt}
+
+
+def test_mid_run_screenshot_shows_step_i_of_n(run):
+    for state in (run["mid"], run["after_shot"]):  # the screenshot was taken between these two readings
+        i, n = _step(state["label"])
+        assert 0 < i < n == STEPS and state["running"], state
+        assert state["stepSlider"]["disabled"], "scrubbing is for after the run"
+    assert run["screenshot"].stat().st_size > 10_000
+
+
+def test_after_the_run_the_steps_scrub_and_the_frames_select(page, run):
+    end = run["end"]
+    assert end["steps"] == STEPS and not end["stepSlider"]["disabled"] and end["stepSlider"]["max"] == STEPS - 1
+    assert not end["frameSlider"]["disabled"] and end["frameSlider"]["max"] >= 1  # 9 frames: several latent frames
+    last = page.execute_script(f"return {VIEW}.canvas.toDataURL()")
+    scrubbed = page.execute_script(f"""const v = {VIEW};
+        v.stepSlider.value = '5'; v.stepSlider.dispatchEvent(new Event('input'));
+        v.frameSlider.value = String(v.frameSlider.max); v.frameSlider.dispatchEvent(new Event('input'));
+        return [v.canvas.getAttribute('aria-label'), v.canvas.toDataURL()];""")
+    frames = end["frameSlider"]["max"] + 1
+    assert scrubbed[0].startswith(f"step 6 / {STEPS}") and f"latent frame {frames} / {frames}" in scrubbed[0]
+    assert scrubbed[1] != last, "the canvas did not change when scrubbing"
+
+
+def test_nothing_of_the_widget_is_saved(page, run):
+    after = _serialized_sampler(page)["widgets_values"]
+    assert after == run["before"], "running changed the sampler's widgets_values"
+    assert all(not isinstance(v, (dict, list)) for v in after), after
+    sampler_inputs = next(n["inputs"] for n in run["prompt"].values() if n["class_type"] == SAMPLER)
+    assert "grn_refine_view" not in sampler_inputs and sampler_inputs["steps"] == STEPS
+
+
+def test_events_for_other_nodes_missing_nodes_and_stale_prompts_are_ignored(page, run):
+    before = page.execute_script(STATE)
+    outcome = page.execute_script(f"""const v = {VIEW};
+        const real = v.history[v.history.length - 1].event;
+        const other = app.graph._nodes.find((n) => n.comfyClass !== '{SAMPLER}' && n.type !== 'Note');
+        const api = window.comfyAPI.api.api;
+        const events = [{{...real, node: '9999'}}, {{...real, node: String(other.id)}},
+                        {{...real, prompt_id: 'stale-prompt', step: 0}}, {{...real, v: 2, step: 0}}, null];
+        for (const detail of events) api.dispatchCustomEvent('grn.refine', detail);
+        return events.length;""")
+    assert outcome == 5
+    assert page.execute_script(STATE) == before
+
+
+def test_browser_saw_no_error_from_our_script(page, run):
+    errors = [e for e in page.execute_script("return window.__grnErrors") if re.search(r"grn", e, re.I)]
+    assert not errors, "\n\n".join(errors)
+    ours = [e for e in _console(page) if re.search(r"grn_refine_widget|ComfyUI-GRN|grn\.refine", e["message"])]
+    assert not ours, ours  # includes the frontend's "Unknown message type grn.refine" if our listener were missing
