@@ -34,3 +34,16 @@ def test_grn_core_never_imports_comfyui():
                                     "import server", "from server")):
                 offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
     assert not offenders, offenders
+
+
+def test_pyproject_dependencies_match_requirements():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {d.split(">=")[0].split("==")[0].strip().lower() for d in project["dependencies"]} - {"torch"}
+    listed = {
+        line.split(">=")[0].split("==")[0].strip().lower()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert declared == listed
