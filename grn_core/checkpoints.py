@@ -7,8 +7,14 @@ network before anything is built, and only then materialises the weights — a w
 
     tok = load_tokenizer(path, dtype=torch.float64)
     ref = load_refiner(path, layout="joint", dtype=torch.bfloat16, device="cuda")
+    ref = load_refiner(path, dtype="fp8_e4m3fn", device="cuda", attention="auto", offload_blocks=20)
     net = load_c2i(path)
-    enc = load_umt5(path)
+    enc = load_umt5(path, dtype="fp8_e4m3fn")
+
+Weights are cast by :mod:`grn_core.runtime.precision` on the CPU, before anything moves to the device: ``dtype=None``
+keeps the file's dtype on the CPU and gives bf16 (fp16 on pre-Ampere GPUs) on any other device — never float32
+weights on a GPU unless asked for; fp8 files (and ``dtype="fp8_e4m3fn"`` / ``"fp8_e5m2"``) keep the repeated blocks'
+Linear weights in 8 bits, upcast per call to ``compute_dtype`` (bf16 by default).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from .checkpoint_files import (
     RawCheckpoint,
     read_checkpoint,
 )
+
+from .runtime.fp8 import FP8_DTYPES as _FP8_DTYPES
+from .runtime.precision import cast_network, dominant_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +132,7 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp16": torch.float16, "float16": torch.float16,
     "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
 }
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DTYPES = _FP8_DTYPES
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -237,15 +246,19 @@ def _check_keys(raw: RawCheckpoint, kind: str, model: nn.Module) -> None:
         )
 
 
-def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype | None, device: Any) -> nn.Module:
+def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype | None, device: Any,
+                 compute_dtype: torch.dtype | None = None, stay_on_cpu: bool = False) -> nn.Module:
+    """Build the network on the meta device, assign the file's tensors, cast them (on the CPU), then move to ``device``.
+
+    ``stay_on_cpu``: leave the weights on the CPU (the caller places them, e.g. with block offload).
+    """
     model_class, _, _ = _model_api(kind)
+    precision = resolve_precision(dtype, device, dominant_dtype(raw.tensors), parse_dtype(compute_dtype))
     # Build on the meta device: an 8B network is never initialised randomly just to be overwritten.
     with torch.device("meta"):
         model = model_class(config)
     _check_keys(raw, kind, model)
     state = {k: raw.tensors[k] for k in model.state_dict()}
-    if dtype is None and any(t.dtype in FP8_DTYPES for t in state.values()):
-        dtype = torch.bfloat16  # fp8 files store weights only; compute needs a real float type
     model.load_state_dict(state, strict=True, assign=True)
     still_meta = [name for name, t in model.named_buffers() if t.is_meta]
     if still_meta:
@@ -256,8 +269,9 @@ def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype 
             owner = model.get_submodule(owner_name) if owner_name else model
             owner._buffers[attr] = fresh.get_buffer(name)
         del fresh
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
-    model.requires_grad_(False)
+    cast_network(model, precision)
+    if not stay_on_cpu:
+        model.to(device=device)
     model.eval()
     return model
 
@@ -288,11 +302,16 @@ def tasks_of(raw: RawCheckpoint, kind: str) -> tuple[str, ...]:
     return {"c2i": ("c2i",)}.get(kind, ())
 
 
-def load_tokenizer(path: str | Path, dtype: str | torch.dtype | None = None, device: Any = "cpu") -> nn.Module:
-    """Load an HBQ tokenizer (weights under ``'ema'`` if present, else ``'vae'``, or flat/safetensors)."""
+def load_tokenizer(path: str | Path, dtype: str | torch.dtype | None = None, device: Any = "cpu",
+                   keep_on_cpu: bool = False) -> nn.Module:
+    """Load an HBQ tokenizer (weights under ``'ema'`` if present, else ``'vae'``, or flat/safetensors).
+
+    Its convolutions have no fp8 path: an fp8 ``dtype`` (or file) gives bf16 weights. ``keep_on_cpu``: cast for
+    ``device`` but leave the weights on the CPU (the caller moves them per stage) — the same for every loader.
+    """
     raw, kind = _read_expecting(path, "tokenizer")
     config = _resolve_config(raw, kind, {})
-    return _materialise(raw, kind, config, parse_dtype(dtype), device)
+    return _materialise(raw, kind, config, parse_dtype(dtype), device, stay_on_cpu=keep_on_cpu)
 
 
 def load_refiner(
@@ -300,12 +319,34 @@ def load_refiner(
     layout: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: Any = "cpu",
+    compute_dtype: str | torch.dtype | None = None,
+    attention: str = "auto",
+    offload_blocks: int = 0,
+    prefetch: int = 1,
+    keep_on_cpu: bool = False,
     **overrides: Any,
 ) -> nn.Module:
-    """Load a T2I/T2V/I2V refiner. ``layout`` (``joint``/``prefix``) overrides what the file or its name says."""
+    """Load a T2I/T2V/I2V refiner.
+
+    Args:
+        layout: ``joint``/``prefix``; overrides what the file or its name says.
+        dtype: weight storage: ``None`` (file dtype on CPU, bf16 on GPUs), ``bf16``, ``fp16``, ``fp32``, ``fp64``,
+            ``fp8_e4m3fn``, ``fp8_e5m2`` (or torch dtypes). Half and fp8 storage keep the norms and the head in
+            float32 (see :mod:`grn_core.runtime.precision`).
+        compute_dtype: matmul dtype of fp8 storage (default bf16).
+        attention: ``auto`` / ``sdpa`` / ``flash`` / ``sage`` (see :mod:`grn_core.runtime.attention`).
+        offload_blocks: how many of the transformer blocks stay on the CPU and are streamed to ``device`` for each
+            use, ``prefetch`` blocks ahead (0: all on the device; see :mod:`grn_core.runtime.offload`).
+        keep_on_cpu: cast for ``device`` but leave every weight on the CPU (the caller moves the model per stage).
+    """
     raw, kind = _read_expecting(path, "refiner")
     config = _resolve_config(raw, kind, {"layout": _layout_for(raw, layout), **overrides})
-    return _materialise(raw, kind, config, parse_dtype(dtype), device)
+    model = _materialise(raw, kind, config, parse_dtype(dtype), device, compute_dtype,
+                         stay_on_cpu=keep_on_cpu or bool(offload_blocks))
+    model.set_attention(attention)
+    if offload_blocks:
+        model.enable_block_offload(offload_blocks, device="cpu" if keep_on_cpu else device, prefetch=prefetch)
+    return model
 
 
 def load_c2i(
@@ -313,18 +354,25 @@ def load_c2i(
     in_context_start: int | None = None,
     dtype: str | torch.dtype | None = None,
     device: Any = "cpu",
+    compute_dtype: str | torch.dtype | None = None,
+    keep_on_cpu: bool = False,
 ) -> nn.Module:
     """Load a class-to-image GRN_ind model (``model_ema1`` of the official file)."""
     raw, kind = _read_expecting(path, "c2i")
     config = _resolve_config(raw, kind, {"in_context_start": in_context_start})
-    return _materialise(raw, kind, config, parse_dtype(dtype), device)
+    return _materialise(raw, kind, config, parse_dtype(dtype), device, compute_dtype, stay_on_cpu=keep_on_cpu)
 
 
-def load_umt5(path: str | Path, dtype: str | torch.dtype | None = None, device: Any = "cpu") -> nn.Module:
-    """Load the umt5-xxl encoder from Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` layout (or a converted file)."""
+def load_umt5(path: str | Path, dtype: str | torch.dtype | None = None, device: Any = "cpu",
+              compute_dtype: str | torch.dtype | None = None, keep_on_cpu: bool = False) -> nn.Module:
+    """Load the umt5-xxl encoder from Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` layout (or a converted file).
+
+    ``dtype="fp8_e4m3fn"`` stores its 24 blocks' Linears in fp8 (11.4 GB of bf16 weights become about 6.7 GB: the
+    1B-parameter token embedding stays bf16).
+    """
     raw, kind = _read_expecting(path, "umt5")
     config = _resolve_config(raw, kind, {})
-    return _materialise(raw, kind, config, parse_dtype(dtype), device)
+    return _materialise(raw, kind, config, parse_dtype(dtype), device, compute_dtype, stay_on_cpu=keep_on_cpu)
 
 
 def inspect_checkpoint(path: str | Path, layout: str | None = None) -> CheckpointInfo:

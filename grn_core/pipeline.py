@@ -7,10 +7,18 @@ pieces::
     feats = encode_prompt(model, text_encoder, "a red fox in the snow", task="t2v")
     tokens = generate_tokens(model, feats, GenerationRequest(width=848, height=480, frames=33, seed=42))
     frames = decode_tokens(model, tokens)            # [B, T, H, W, 3] float in [0, 1], CPU
+
+Memory (``load_model(..., device="cuda", dtype="fp8_e4m3fn", offload="auto", attention="auto")``): weights are cast
+on the CPU and placed by the offload policy (:class:`grn_core.runtime.offload.OffloadPolicy`): ``none`` keeps every
+model on the device; ``model`` brings the text encoder, the refiner and the tokenizer to the device only for their
+stage; ``blocks`` / ``blocks:N`` also streams the refiner's (last N) blocks from the CPU; ``auto`` picks the least
+of these that fits the free memory. Out of memory in a step or a decode raises
+:class:`grn_core.runtime.memory.GRNOutOfMemoryError` naming the settings to change.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -19,10 +27,15 @@ import torch
 from torch import nn
 
 from . import hbq
-from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer
+from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer, parse_dtype
+from .runtime.fp8 import Fp8Linear
+from .runtime.memory import decode_advice, oom_guard, refiner_step_bytes, step_advice
+from .runtime.offload import OffloadPolicy, auto_policy, module_bytes, on_device
+from .runtime.precision import resolve_precision
 from .sampler import LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
 
 TASKS = ("t2i", "t2v", "i2v", "c2i")
+UMT5_XXL_BF16_BYTES = 11_360_000_000  # 5.68B parameters: what offload="auto" budgets for the text encoder
 
 # Task tags as a plain-text prefix, as the current (joint-layout) checkpoints were trained; the first
 # (prefix-layout) releases had no tag and a quality suffix instead. Negative prompts are never tagged.
@@ -48,6 +61,9 @@ class GRNModel:
     text_encoder: a built-in encoder (the tiny model ships one); released models use umt5-xxl, loaded separately.
     preview: a fitted latent → RGB projection for cheap live previews, when one is known for the tokenizer.
     defaults: output size the model was made for (``width``, ``height``, ``frames``), when the file says so.
+    compute_device: where the stages run when the pipeline places the models (``load_model(device=...)``); None:
+        the caller places them and the pipeline never moves anything.
+    offload: the resolved :class:`~grn_core.runtime.offload.OffloadPolicy` (never ``auto``).
     """
 
     refiner: nn.Module
@@ -57,6 +73,8 @@ class GRNModel:
     text_encoder: Optional[TextEncoder] = None
     preview: Optional[LatentRGBProjection] = None
     defaults: dict = field(default_factory=dict)
+    compute_device: Optional[torch.device] = None
+    offload: OffloadPolicy = field(default_factory=lambda: OffloadPolicy("none"))
 
     def __post_init__(self) -> None:
         wanted = self.latent_channels
@@ -104,26 +122,97 @@ class GRNModel:
     def default_task(self) -> str:
         return self.tasks[0]
 
+    @property
+    def weight_dtype(self) -> str:
+        """The refiner's weight storage, as a setting name (``bf16``, ``fp8_e4m3fn`` …)."""
+        for module in self.refiner.modules():
+            if isinstance(module, Fp8Linear):
+                return "fp8_" + str(module.fp8_dtype).split("float8_")[-1]
+        dtype = next(self.refiner.parameters()).dtype
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.float64: "fp64"}.get(dtype, str(dtype))
+
+    def stage(self, module: Optional[nn.Module]):
+        """Context: ``module`` on the compute device for one stage, back on the CPU afterwards when the policy
+        offloads models. A no-op when the caller places the models (``compute_device`` None)."""
+        if self.compute_device is None or module is None:
+            return contextlib.nullcontext(module)
+        return on_device(module, self.compute_device, offload_after=self.offload.moves_models)
+
 
 def load_model(
     refiner_path: str | Path,
     tokenizer_path: str | Path,
     dtype: Any = None,
-    device: Any = "cpu",
+    device: Any = None,
     layout: Optional[str] = None,
     tokenizer_dtype: Any = None,
+    compute_dtype: Any = None,
+    attention: str = "auto",
+    offload: OffloadPolicy | str | int | None = "auto",
 ) -> GRNModel:
-    """Load a refiner (T2I/T2V/I2V or C2I, told apart by its tensors) and its tokenizer."""
+    """Load a refiner (T2I/T2V/I2V or C2I, told apart by its tensors) and its tokenizer.
+
+    Args:
+        dtype: refiner weight storage (``None``: the file's on CPU, bf16 on GPUs; ``bf16``, ``fp16``, ``fp32``,
+            ``fp8_e4m3fn``, ``fp8_e5m2``); the tokenizer follows it unless ``tokenizer_dtype`` is given (fp8 → bf16).
+        device: where the stages run. ``None`` (default): load on the CPU and never move anything — the caller places
+            the models (as the ComfyUI nodes do). Given: the pipeline places the models per ``offload``.
+        compute_dtype: matmul dtype for fp8 storage (default bf16).
+        attention: ``auto``, ``sdpa``, ``flash`` or ``sage`` (see :mod:`grn_core.runtime.attention`).
+        offload: ``auto``, ``none``, ``model``, ``blocks``, ``blocks:N`` or N (see :mod:`grn_core.runtime.offload`).
+    """
+    managed = device is not None
+    target = torch.device(device if managed else "cpu")
+    policy = OffloadPolicy.parse(offload)
     info = inspect_checkpoint(refiner_path, layout=layout)
     if info.kind == "c2i":
-        refiner = load_c2i(refiner_path, dtype=dtype, device=device)
+        refiner = load_c2i(refiner_path, dtype=dtype, device=target, compute_dtype=compute_dtype, keep_on_cpu=True)
         tasks: tuple[str, ...] = ("c2i",)
     else:
-        refiner = load_refiner(refiner_path, layout=layout, dtype=dtype, device=device)
+        refiner = load_refiner(refiner_path, layout=layout, dtype=dtype, device=target, compute_dtype=compute_dtype,
+                               attention=attention, keep_on_cpu=True)
         tasks = info.tasks or ("t2i", "t2v", "i2v")
     tokenizer = load_tokenizer(tokenizer_path, dtype=tokenizer_dtype if tokenizer_dtype is not None else dtype,
-                               device=device)
-    return GRNModel(refiner, tokenizer, tasks, name=Path(refiner_path).name)
+                               device=target, keep_on_cpu=True)
+    model = GRNModel(refiner, tokenizer, tasks, name=Path(refiner_path).name,
+                     compute_device=target if managed else None)
+    model.offload = _resolve_policy(model, policy, target, parse_dtype(dtype), compute_dtype)
+    if model.offload.mode == "blocks":
+        if not hasattr(refiner, "enable_block_offload"):
+            raise ValueError(f"offload {policy.describe()!r}: block offload exists for the text-to-image/video "
+                             f"refiner only; use offload 'model' for {Path(refiner_path).name}.")
+        refiner.enable_block_offload(model.offload.blocks or "all", device="cpu", prefetch=model.offload.prefetch)
+    if not model.offload.moves_models:
+        refiner.to(target)
+        tokenizer.to(target)
+    return model
+
+
+def _default_grid(model: GRNModel) -> tuple[int, int, int]:
+    """Latent grid of the model's default request (T2V 480×848×33, else a 1024² image) for memory planning."""
+    sf, tf = model.spatial_factor, model.temporal_factor
+    if "t2v" in model.tasks or "i2v" in model.tasks:
+        return 1 + 32 // tf, 480 // sf, 848 // sf
+    return 1, 1024 // sf, 1024 // sf
+
+
+def _resolve_policy(model: GRNModel, policy: OffloadPolicy, device: torch.device, dtype: Optional[torch.dtype],
+                    compute_dtype: Any) -> OffloadPolicy:
+    if policy.mode != "auto":
+        if device.type == "cpu" and policy.mode != "none":
+            return OffloadPolicy("none")  # nothing to offload to
+        return policy
+    if model.is_c2i or device.type == "cpu":
+        return OffloadPolicy("none" if device.type == "cpu" else "model")
+    config = model.refiner.config
+    blocks = list(model.refiner.blocks)
+    precision = resolve_precision(dtype, device, None, parse_dtype(compute_dtype))
+    activations = refiner_step_bytes(config, _default_grid(model), compute=precision.compute,
+                                     storage=precision.storage)
+    # The text encoder is loaded by the caller: budget for umt5-xxl in bf16 so that "none" never leaves it stranded.
+    others = module_bytes(model.tokenizer) + UMT5_XXL_BF16_BYTES
+    return auto_policy(device, module_bytes(model.refiner), module_bytes(blocks[0]), len(blocks), others, activations)
 
 
 @dataclass
@@ -177,10 +266,19 @@ def encode_prompt(
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: describe what to generate.")
     text = format_prompt(prompt, task, model.layout) if add_task_tag else prompt.strip()
-    cond = encoder.encode(text, allow_empty=False)
-    uncond = encoder.encode(negative or "", allow_empty=True) if need_uncond else None
+    with model.stage(_encoder_module(encoder)):
+        cond = encoder.encode(text, allow_empty=False)
+        uncond = encoder.encode(negative or "", allow_empty=True) if need_uncond else None
     _check_text_width(model, cond)
     return PromptFeatures(cond, uncond, task, text, negative or "")
+
+
+def _encoder_module(encoder: Any) -> Optional[nn.Module]:
+    """The torch module behind a prompt encoder (``UMT5PromptEncoder.encoder``), to stage it on the device."""
+    if isinstance(encoder, nn.Module):
+        return encoder
+    inner = getattr(encoder, "encoder", None)
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _check_text_width(model: GRNModel, features: torch.Tensor) -> None:
@@ -249,8 +347,8 @@ def encode_first_frame(model: GRNModel, image: torch.Tensor, width: int, height:
     lo, hi = float(image.min()), float(image.max())
     if lo < -1.001 or hi > 1.001:
         raise ValueError(f"the first frame spans [{lo:.3g}, {hi:.3g}]; pass RGB scaled to [-1, 1] (x * 2 - 1 from [0, 1]).")
-    weight = next(model.tokenizer.parameters())
-    with torch.inference_mode():
+    with model.stage(model.tokenizer), torch.inference_mode():
+        weight = next(model.tokenizer.parameters())
         z = model.tokenizer.encode(image.to(weight.device, weight.dtype))
     return hbq.features_to_bits(z, model.rounds)
 
@@ -284,7 +382,11 @@ def generate_tokens(
     if settings.guidance != 1.0 and uncond is None:
         raise ValueError("guidance needs the negative-prompt features: encode the prompt with need_uncond=True.")
     preview_fn = bits_preview(model.preview, model.rounds) if (preview and model.preview is not None) else None
-    with torch.inference_mode():
+    size = f"{request.width}x{request.height}" + (f"x{request.frames} frames" if request.frames > 1 else "")
+    advice = lambda: step_advice(model.weight_dtype, model.offload.describe(), size, request.batch_size,  # noqa: E731
+                                 settings.guidance)
+    with model.stage(model.refiner), oom_guard("the refiner step", advice, model.compute_device), \
+            torch.inference_mode():
         result = sample_bits(
             model.refiner, features.cond, uncond if settings.guidance != 1.0 else None,
             grid=grid, batch_size=request.batch_size, seed=request.seed, settings=settings,
@@ -297,9 +399,11 @@ def generate_tokens(
 def decode_tokens(model: GRNModel, tokens: TokenResult | torch.Tensor) -> torch.Tensor:
     """Bit maps → frames ``[B, T, H, W, 3]`` float32 in [0, 1] on the CPU, one sample and one latent frame at a time."""
     bits = tokens.bits if isinstance(tokens, TokenResult) else tokens
-    weight = next(model.tokenizer.parameters())
     samples = []
-    with torch.inference_mode():
+    advice = lambda: decode_advice(0, model.offload.describe())  # noqa: E731
+    with model.stage(model.tokenizer), oom_guard("the tokenizer decode", advice, model.compute_device), \
+            torch.inference_mode():
+        weight = next(model.tokenizer.parameters())
         for b in range(bits.shape[0]):
             z = hbq.bits_to_features(bits[b : b + 1].to(weight.device), model.rounds, dtype=weight.dtype)
             chunks = [((chunk.float() + 1) / 2).clamp_(0, 1).cpu() for chunk in model.tokenizer.decode_iter(z)]
@@ -324,7 +428,9 @@ def generate_class_tokens(
     for class_id in class_ids:
         if not 0 <= int(class_id) <= num_classes:
             raise ValueError(f"class index {class_id} is outside 0..{num_classes - 1} ({num_classes} = unconditional).")
-    with torch.inference_mode():
+    advice = lambda: step_advice(model.weight_dtype, model.offload.describe())  # noqa: E731
+    with model.stage(model.refiner), oom_guard("the class-to-image step", advice, model.compute_device), \
+            torch.inference_mode():
         result = sample_c2i(model.refiner, list(class_ids), seed=seed, settings=settings, callback=callback)
     bits = hbq.indices_to_bits(result.bits, model.rounds).unsqueeze(2)  # [B, rounds*d, 1, h, w]
     side = int(model.refiner.config.input_size) * model.spatial_factor

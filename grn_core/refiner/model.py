@@ -14,23 +14,37 @@ weights but not the attention pattern (``RefinerConfig.layout``):
   ``[visual | step token]``, attending to ``[text K/V ; own K/V]``.
 
 Execution is pad-free: all tokens of all samples and branches are packed into one ``[N, width]`` matrix so every
-Linear is a single large matmul, and attention runs per branch sequence with ``scaled_dot_product_attention`` — runs
-of consecutive sequences of equal length (the usual case: one prompt for the whole batch) go in one batched call, as
-zero-copy views of the packed tensors; per-sample prompts of different lengths fall back to one call per sequence.
+Linear is a single large matmul, and attention runs per branch sequence — runs of consecutive sequences of equal
+length (the usual case: one prompt for the whole batch) go in one batched call, as zero-copy views of the packed
+tensors; per-sample prompts of different lengths fall back to one call per sequence.
+
+Runtime (see :mod:`grn_core.runtime`):
+
+- precision: the residual stream, norms, RoPE, softmax inputs and the head run in ``compute_dtype`` (float32 for
+  half and fp8 weights); matmuls run in the weight dtype (fp8 block weights are upcast per call to the model's
+  compute dtype, ``word_embed``'s dtype). Loaders keep the norms and the ``head`` in float32 under half / fp8
+  storage (``FLOAT32_MODULES``), as the official code runs them;
+- attention: :meth:`GRNRefiner.set_attention` — ``auto`` (FlashAttention when installed and usable, else SDPA),
+  ``sdpa``, ``flash``, ``sage``;
+- block offload: :meth:`GRNRefiner.enable_block_offload` streams the last N blocks from the CPU for every pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RMSNorm, compute_dtype
+from ..runtime.attention import attend, check_backend, resolve_backend
+from ..runtime.fp8 import matmul_weight
+from ..runtime.offload import BlockOffload
 from .buckets import aspect_template
 from .config import RefinerConfig
 from .rope import TEXT_MAX_TOKENS, apply_rope, rope_table, step_positions, text_positions, visual_positions
@@ -45,12 +59,12 @@ TextInput = Union[torch.Tensor, Sequence[torch.Tensor], "TextContext"]
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``layer(x)`` (+ ``residual``) on 2-D ``x``; the matmul runs in the weight dtype.
+    """``layer(x)`` (+ ``residual``) on 2-D ``x``; the matmul runs in the weight dtype (fp8 weights: upcast).
 
     When the residual has the weight dtype (float32 / float64 models) the add is folded into the matmul
     (``addmm``: one BLAS call, no extra pass over the activations).
     """
-    weight = layer.weight
+    weight = matmul_weight(layer)
     inp = x if x.dtype == weight.dtype else x.to(weight.dtype)
     if residual is not None and residual.dtype == weight.dtype and layer.bias is None:
         return torch.addmm(residual, inp, weight.t())
@@ -155,6 +169,11 @@ class BitHead(nn.Module):
         return F.linear(h, self.proj.weight.to(work), self.proj.bias.to(work))
 
 
+def _resident(blocks: Sequence[Block]):
+    """Generator over blocks already on the device (closable, like ``BlockOffload.blocks_on``)."""
+    yield from blocks
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Text conditioning and sequence packing
 
@@ -219,6 +238,8 @@ class GRNRefiner(nn.Module):
     """
 
     _PLAN_CACHE_SIZE = 4
+    # Kept in float32 by the loaders under half / fp8 storage (with every RMSNorm): the official head runs in float32.
+    FLOAT32_MODULES = ("head",)
 
     def __init__(self, config: RefinerConfig):
         super().__init__()
@@ -229,6 +250,57 @@ class GRNRefiner(nn.Module):
         self.block_chunks = nn.ModuleList(BlockChunk(config) for _ in range(config.block_chunks))
         self.head = BitHead(config.width, config.in_channels, config.norm_eps)
         self._plans: OrderedDict = OrderedDict()
+        self._attention = "auto"
+        self._attention_resolved: dict = {}
+        self._offload: BlockOffload | None = None
+
+    # -- runtime settings ----------------------------------------------------------------------------------------------
+
+    @property
+    def attention(self) -> str:
+        """The attention backend setting (``auto``, ``sdpa``, ``flash`` or ``sage``)."""
+        return self._attention
+
+    def set_attention(self, backend: str = "auto") -> "GRNRefiner":
+        """Choose the attention kernel: ``auto`` (FlashAttention when installed and usable, else SDPA), ``sdpa``,
+        ``flash`` or ``sage`` (approximate, opt-in). An uninstalled explicit choice raises ``ValueError``."""
+        self._attention = check_backend(backend)
+        self._attention_resolved = {}
+        return self
+
+    @property
+    def block_offload(self) -> BlockOffload | None:
+        """The active :class:`~grn_core.runtime.offload.BlockOffload`, or None."""
+        return self._offload
+
+    def enable_block_offload(self, blocks: int | str = "all", device: Any = None, prefetch: int = 1,
+                             simulate: bool = False) -> BlockOffload:
+        """Keep the last ``blocks`` transformer blocks on the CPU and stream them in for every pass.
+
+        Args:
+            blocks: how many blocks to stream (1..depth, or ``"all"``); the rest stay on the device.
+            device: the compute device (default: where the model is now); the resident part moves there.
+            prefetch: blocks copied ahead on a side CUDA stream; at most ``1 + prefetch`` streamed blocks are on the
+                device at once.
+            simulate: stream even when the device is the CPU (tests).
+        Moving the model later (``.to(device)``) moves the resident part only; casts apply to all.
+        """
+        depth = self.config.depth
+        count = depth if blocks == "all" else blocks
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= depth:
+            raise ValueError(f"offload blocks={blocks!r}: stream 1..{depth} blocks of this {depth}-block refiner "
+                             f"(or 'all'); 0 means no block offload (call disable_block_offload()).")
+        target = torch.device(device) if device is not None else self._device
+        self.disable_block_offload()
+        self._offload = BlockOffload(self.blocks, range(depth - count, depth), prefetch=prefetch, simulate=simulate)
+        self.to(target)
+        return self._offload
+
+    def disable_block_offload(self) -> None:
+        """Bring streamed blocks to the model's device for good."""
+        if self._offload is not None:
+            self._offload.to_device(self._device)
+            self._offload = None
 
     # -- helpers -------------------------------------------------------------------------------------------------------
 
@@ -278,26 +350,30 @@ class GRNRefiner(nn.Module):
         """
         cfg, attn = self.config, block.attn
         n, hd, nq, nkv = h.shape[0], cfg.head_dim, cfg.heads, cfg.kv_heads
-        weight_dtype = attn.q_proj.weight.dtype
+        weights = [matmul_weight(proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        weight_dtype = weights[0].dtype
         inp = h if h.dtype == weight_dtype else h.to(weight_dtype)
         qkv = torch.empty(n, (nq + 2 * nkv) * hd, dtype=weight_dtype, device=inp.device)
         bounds = (0, nq * hd, (nq + nkv) * hd, (nq + 2 * nkv) * hd)
-        for proj, lo, hi in zip((attn.q_proj, attn.k_proj, attn.v_proj), bounds[:-1], bounds[1:]):
-            torch.mm(inp, proj.weight.t(), out=qkv[:, lo:hi])
+        for weight, lo, hi in zip(weights, bounds[:-1], bounds[1:]):
+            torch.mm(inp, weight.t(), out=qkv[:, lo:hi])
         qk_weight = torch.cat([attn.q_norm.weight.expand(nq, hd), attn.k_norm.weight.expand(nkv, hd)])
         qk = _rms_norm(qkv[:, :bounds[2]].view(n, nq + nkv, hd), attn.q_norm, qk_weight)
         qk = apply_rope(qk, rope, inplace=True).to(weight_dtype)
         return qk[:, :nq], qk[:, nq:], qkv[:, bounds[2]:].view(n, nkv, hd)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q [n, L, H, D]``, ``k/v [n, S, Hkv, D]`` -> ``[n*L, H*D]``; softmax scale ``head_dim ** -0.5``."""
+        """``q [n, L, H, D]``, ``k/v [n, S, Hkv, D]`` -> ``[n*L, H*D]``; softmax scale ``head_dim ** -0.5``.
+
+        Runs on the attention backend chosen by :meth:`set_attention` (resolved once per device and dtype).
+        """
         cfg = self.config
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cfg.kv_heads != cfg.heads:  # grouped-query: head h reads kv head h // (heads / kv_heads)
-            rep = cfg.heads // cfg.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(-1, cfg.heads * cfg.head_dim)
+        key = (q.device, q.dtype)
+        backend = self._attention_resolved.get(key)
+        if backend is None:
+            backend = resolve_backend(self._attention, q.device, q.dtype, cfg.head_dim)
+            self._attention_resolved[key] = backend
+        return attend(q, k, v, backend).reshape(-1, cfg.heads * cfg.head_dim)
 
     def _block(
         self,
@@ -461,7 +537,34 @@ class GRNRefiner(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # Moving / casting the model invalidates the cached RoPE tables and row indices.
         self._plans.clear()
-        return super()._apply(fn, *args, **kwargs)
+        offload = self.__dict__.get("_offload")
+        if offload is None:
+            return super()._apply(fn, *args, **kwargs)
+        # Streamed blocks stay on the CPU whatever the move: skip them, then give them only the cast, on the CPU.
+        streamed = [offload.blocks[i] for i in offload.streamed]
+        for block in streamed:
+            object.__setattr__(block, "_apply", lambda *a, _block=block, **k: _block)
+        try:
+            result = super()._apply(fn, *args, **kwargs)
+        finally:
+            for block in streamed:
+                object.__delattr__(block, "_apply")
+
+        def cast_only(t: torch.Tensor) -> torch.Tensor:
+            dtype = fn(torch.empty(0, dtype=t.dtype, device=t.device)).dtype
+            return t if dtype == t.dtype else t.to(dtype)
+
+        for block in streamed:
+            block._apply(cast_only)
+        offload.refresh()
+        return result
+
+    def _block_pass(self) -> contextlib.closing:
+        """All blocks in order with their weights on the model's device (streams offloaded blocks); use as
+        ``with self._block_pass() as blocks:`` so an early exit or an error releases streamed blocks at once."""
+        if self._offload is None:
+            return contextlib.closing(_resident(self.blocks))
+        return contextlib.closing(self._offload.blocks_on(self._device))
 
     # -- public API ----------------------------------------------------------------------------------------------------
 
@@ -500,20 +603,20 @@ class GRNRefiner(nn.Module):
         rope = rope_table(torch.cat(positions), cfg.head_dim, cfg.rope_base, compute_dtype(self._dtype), self._device)
         keys, values = [], []
         x = tokens
-        blocks = self.blocks
-        for layer, block in enumerate(blocks):
-            q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
-            keys.append(k.contiguous())  # own copies: the views would keep the whole q/k/v buffer alive
-            values.append(v.contiguous())
-            if layer == len(blocks) - 1:
-                break  # the last layer's output is never read: only its K/V are needed
-            outs = []
-            for run in runs:
-                rows = slice(run.start, run.start + run.count * run.length)
-                outs.append(self._sdpa(*(z[rows].unflatten(0, (run.count, run.length)) for z in (q, k, v))))
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = _linear(attn, block.attn.o_proj, residual=x)
-            x = block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
+        with self._block_pass() as blocks:
+            for layer, block in enumerate(blocks):
+                q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
+                keys.append(k.contiguous())  # own copies: the views would keep the whole q/k/v buffer alive
+                values.append(v.contiguous())
+                if layer == cfg.depth - 1:
+                    break  # the last layer's output is never read: only its K/V are needed
+                outs = []
+                for run in runs:
+                    rows = slice(run.start, run.start + run.count * run.length)
+                    outs.append(self._sdpa(*(z[rows].unflatten(0, (run.count, run.length)) for z in (q, k, v))))
+                attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+                x = _linear(attn, block.attn.o_proj, residual=x)
+                x = block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
         return TextContext("prefix", lengths, keys=tuple(keys), values=tuple(values))
 
     def _forward_packed(
@@ -565,8 +668,9 @@ class GRNRefiner(nn.Module):
                     pieces.append(ctx.tokens[b if ctx.num_items > 1 else 0])
                 pieces.append(step[b:b + 1])
         x = torch.cat(pieces)
-        for layer, block in enumerate(self.blocks):
-            x = self._block(block, x, plan.rope, plan.runs, layer, contexts)
+        with self._block_pass() as blocks:
+            for layer, block in enumerate(blocks):
+                x = self._block(block, x, plan.rope, plan.runs, layer, contexts)
         return x, plan, (t, h, w), len(contexts)
 
     @torch.no_grad()
