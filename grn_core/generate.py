@@ -49,6 +49,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the token-state map and RGB preview of every step as PNGs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default, bf16, fp16, fp32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: 1 for the tiny model, whose small matrices only lose time "
+                             "synchronising threads; torch's default otherwise)")
 
 
 class ProgressLine:
@@ -141,6 +144,10 @@ def run_cli(args: argparse.Namespace) -> int:
     from .pipeline import GenerationRequest, decode_tokens, encode_prompt, generate_class_tokens, generate_tokens
 
     started = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.model == "tiny" and args.device == "cpu":
+        torch.set_num_threads(1)
     model, encoder, default_task = _load(args)
     task = args.task or default_task
     defaults = model.defaults
