@@ -1,4 +1,4 @@
-"""The ComfyUI side of the GRN nodes (V3 schema): sockets, widgets, progress, device moves — nothing else.
+"""The ComfyUI side of the GRN nodes (V3 schema): sockets, widgets, progress, devices — nothing else.
 
 All work happens in ``logic.py``; this module is only imported inside ComfyUI (``comfy_api.latest`` must exist).
 ComfyUI's own modules (``folder_paths``, ``comfy.*``, ``server``) are imported where they are used, so the schemas
@@ -64,10 +64,16 @@ class GRNLoadModel(io.ComfyNode):
                                tooltip="Refiner file from models/grn or models/diffusion_models; 'tiny' is built in."),
                 io.Combo.Input("tokenizer", options=_list(model_files.tokenizer_choices), default=model_files.AUTO,
                                tooltip="HBQ tokenizer file; 'auto' picks the one that matches the refiner."),
-                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default"),
+                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default",
+                               tooltip="Refiner weight storage; 'default' is bf16 on GPUs. fp8 halves the weight "
+                                       "memory (matmuls still run in bf16)."),
                 io.Combo.Input("layout", options=list(logic.LAYOUTS), default="auto",
                                tooltip="Attention layout: 'prefix' only for the first MGenAI T2I/T2V files."),
-                io.Combo.Input("offload", options=list(logic.OFFLOAD_POLICIES), default=logic.OFFLOAD_POLICIES[0]),
+                io.Combo.Input("offload", options=list(logic.OFFLOAD_POLICIES), default="auto",
+                               tooltip="'auto': the least offload that fits the free GPU memory. 'none': keep every "
+                                       "model on the GPU; 'model': each model on the GPU only for its stage; "
+                                       "'blocks' / 'blocks:N': also stream all / the last N refiner blocks from the "
+                                       "CPU. 'offload after run' = 'model', 'keep on device' = 'none'."),
                 io.Boolean.Input("download_missing", default=False,
                                  tooltip=f"Fetch a missing released file from {model_files.HF_REPO} into models/grn."),
             ],
@@ -77,9 +83,12 @@ class GRNLoadModel(io.ComfyNode):
     @classmethod
     def execute(cls, refiner: str, tokenizer: str, weight_dtype: str, layout: str, offload: str,
                 download_missing: bool) -> io.NodeOutput:
+        import comfy.model_management as mm
+
         folder_paths = _folder_paths()
+        device = mm.get_torch_device()
         if refiner == model_files.TINY:
-            loaded = logic.load_grn(None, None, weight_dtype, layout, offload)
+            loaded = logic.load_grn(None, None, weight_dtype, layout, offload, device=device)
         else:
             refiner_path = model_files.resolve_file(
                 folder_paths, refiner, (model_files.GRN_FOLDER,) + model_files.SHARED_FOLDERS, download_missing)
@@ -88,7 +97,7 @@ class GRNLoadModel(io.ComfyNode):
             else:
                 tokenizer_path = model_files.resolve_file(folder_paths, tokenizer, (model_files.GRN_FOLDER,),
                                                           download_missing)
-            loaded = logic.load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload)
+            loaded = logic.load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload, device=device)
         return io.NodeOutput(loaded)
 
 
@@ -202,7 +211,10 @@ class GRNRefineSampler(io.ComfyNode):
         frame = logic.image_to_frame(first_frame, plan.width, plan.height) if first_frame is not None else None
         frame_bits = first_frame_tokens.bits if first_frame_tokens is not None and frame is None else None
         mm.throw_exception_if_processing_interrupted()
-        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache) as _:
+        # Our models are not ComfyUI's: ask it to unload its own (e.g. the text encoder) until the refiner fits.
+        device = model.model.compute_device if model.model.compute_device is not None else mm.get_torch_device()
+        mm.free_memory(logic.refiner_memory_bytes(model, plan, task, settings, conditioning), device)
+        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
             result = logic.run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
                                        first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
         result.bits = result.bits.to(mm.intermediate_device())
@@ -244,7 +256,8 @@ class GRNDecodeVideo(io.ComfyNode):
                 GRN_MODEL.Input("model"),
                 GRN_TOKENS.Input("tokens"),
                 io.Int.Input("tile", default=0, min=0, max=256, step=8,
-                             tooltip="Decode in spatial tiles of this many latent cells (0 = whole frames)."),
+                             tooltip="Decode in spatial tiles of this many latent cells (0 = whole frames); "
+                                     "16-32 fits small GPUs."),
             ],
             outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps")],
         )

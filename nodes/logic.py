@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -20,13 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from grn_core import hbq
-from grn_core.checkpoints import inspect_checkpoint, parse_dtype
+from grn_core.checkpoints import inspect_checkpoint
 from grn_core.pipeline import (GenerationRequest, GRNModel, PromptFeatures, TokenResult, decode_tokens,
                                encode_prompt, generate_class_tokens, generate_tokens, load_model)
 from grn_core.refiner.buckets import BUCKET_SIDES, FPS, MAX_FRAMES, pixel_size, video_num_frames
+from grn_core.runtime.fp8 import Fp8Linear
+from grn_core.runtime.memory import GRNOutOfMemoryError, decode_advice, oom_guard, refiner_step_bytes
+from grn_core.runtime.offload import OffloadPolicy, module_bytes
 from grn_core.sampler import (ADAPTIVE_DEFAULTS, AdaptiveSteps, C2ISettings, LatentRGBProjection, SamplerSettings,
                               SamplingInterrupted, StepInfo)
 from grn_core.text.cleaning import clean_prompt
+from grn_core.tokenizer import tiled
 
 from . import model_files
 from .widget_events import build_step_event
@@ -43,7 +47,13 @@ STATS = "GRN Refine Stats"
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 LAYOUTS = ("auto", "joint", "prefix")
-OFFLOAD_POLICIES = ("offload after run", "keep on device")
+# Offload choices as the library names them (grn_core.runtime.offload.OffloadPolicy): "auto" picks the least offload
+# that fits the free memory; "model" brings each model to the GPU only for its stage; "blocks" / "blocks:N" also
+# streams all / the last N refiner blocks from the CPU. The two older names stay accepted (saved workflows).
+OFFLOAD_CHOICES = ("auto", "none", "model", "blocks", "blocks:4", "blocks:8", "blocks:16")
+LEGACY_OFFLOAD = {"offload after run": "model", "keep on device": "none"}
+OFFLOAD_POLICIES = OFFLOAD_CHOICES + tuple(LEGACY_OFFLOAD)
+DECODE_OVERLAP = 4  # latent cells shared by neighbouring decode tiles (at most half a tile)
 TASK_CHOICES = ("auto", "t2i", "t2v", "i2v")
 RESOLUTIONS = ("custom",) + tuple(BUCKET_SIDES)
 ASPECTS = {"from width/height": None, "1:1": 1.0, "16:9": 9 / 16, "9:16": 16 / 9, "4:3": 3 / 4, "3:4": 4 / 3,
@@ -66,11 +76,17 @@ def node_error(node: str, error: BaseException | str) -> GRNNodeError:
 
 @contextlib.contextmanager
 def errors_from(node: str) -> Iterator[None]:
-    """Re-raise library ValueErrors / missing files as ``GRNNodeError`` naming ``node``."""
+    """Re-raise library ValueErrors / missing files as ``GRNNodeError`` naming ``node``; out-of-memory errors stay
+    ``GRNOutOfMemoryError`` (with their advice) and get the node's name in front as well."""
     try:
         yield
     except GRNNodeError:
         raise
+    except GRNOutOfMemoryError as error:
+        text = str(error)
+        if text.startswith(node):
+            raise
+        raise GRNOutOfMemoryError(f"{node}: {text}", error.stage, error.advice) from error
     except (ValueError, FileNotFoundError) as error:
         raise node_error(node, error) from error
 
@@ -79,7 +95,13 @@ def errors_from(node: str) -> Iterator[None]:
 
 @dataclass
 class LoadedGRN:
-    """What travels on a ``GRN_MODEL`` socket: the model and how the nodes should treat it."""
+    """What travels on a ``GRN_MODEL`` socket: the model and how the nodes should treat it.
+
+    ``offload``: the policy asked for, as the library names it (``auto``, ``none``, ``model``, ``blocks:N`` …); the
+    resolved one is ``model.offload`` when the pipeline places the models (``model.compute_device`` set).
+    ``keep_on_device``: whether :func:`on_device` leaves the models on the device after a run when the caller places
+    them (``compute_device`` None: tests, or a model built outside ``load_grn``).
+    """
 
     model: GRNModel
     refiner_name: str
@@ -87,15 +109,36 @@ class LoadedGRN:
     weight_dtype: str = "default"
     keep_on_device: bool = False
     max_latent_cells: int = MAX_LATENT_CELLS
+    offload: str = "auto"
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return self.model.tasks
 
+    @property
+    def offload_setting(self) -> str:
+        """The offload in effect, for messages: the resolved policy when the pipeline places the models."""
+        return self.model.offload.describe() if self.model.compute_device is not None else self.offload
+
     def describe(self) -> str:
         m = self.model
-        return (f"{self.refiner_name} + {self.tokenizer_name}: tasks {','.join(m.tasks)}, layout {m.layout}, "
+        text = (f"{self.refiner_name} + {self.tokenizer_name}: tasks {','.join(m.tasks)}, layout {m.layout}, "
                 f"{m.latent_channels}-channel latents, {m.spatial_factor}x spatial / {m.temporal_factor}x temporal")
+        if m.compute_device is not None:
+            text += f"; {m.weight_dtype} weights, offload {m.offload.describe()} on {m.compute_device}"
+        return text
+
+
+def offload_policy(choice: str) -> str:
+    """The offload widget's value as the library's policy string (older saved names mapped), or a node error."""
+    policy = LEGACY_OFFLOAD.get(choice, choice)
+    try:
+        OffloadPolicy.parse(policy)
+    except ValueError as error:
+        if str(choice).startswith("blocks:"):
+            raise node_error(LOAD, error) from error
+        raise node_error(LOAD, f"offload '{choice}' is not one of {', '.join(OFFLOAD_POLICIES)}.") from error
+    return policy
 
 
 def load_grn(
@@ -103,39 +146,45 @@ def load_grn(
     tokenizer_path: Optional[Path],
     weight_dtype: str = "default",
     layout: str = "auto",
-    offload: str = OFFLOAD_POLICIES[0],
+    offload: str = "auto",
     fit_preview: bool = True,
+    device: Any = None,
 ) -> LoadedGRN:
-    """Load a refiner file (``None`` = the built-in tiny model) and its tokenizer; see ``model_files`` for paths."""
+    """Load a refiner file (``None`` = the built-in tiny model) and its tokenizer; see ``model_files`` for paths.
+
+    ``device``: where the stages run (ComfyUI's torch device); the pipeline then casts the weights for it and places
+    the models per ``offload``. ``None`` loads on the CPU and never moves anything (:func:`on_device` does).
+    """
     if weight_dtype not in WEIGHT_DTYPES:
         raise node_error(LOAD, f"weight_dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}.")
     if layout not in LAYOUTS:
         raise node_error(LOAD, f"layout '{layout}' is not one of {', '.join(LAYOUTS)}.")
-    fp8 = weight_dtype.startswith("fp8")
-    dtype = None if (weight_dtype == "default" or fp8) else parse_dtype(weight_dtype)
+    policy = offload_policy(offload)
+    dtype = None if weight_dtype == "default" else weight_dtype
     with errors_from(LOAD):
         if refiner_path is None:
-            model, max_cells = _load_tiny(dtype)
+            model, max_cells = _load_tiny(dtype, device, policy)
             refiner_name, tokenizer_name = model_files.TINY, model_files.TINY
         else:
             if tokenizer_path is None:
                 raise node_error(LOAD, "no tokenizer file: pick one, or 'auto' with the matching HBQ tokenizer in "
                                        "models/grn.")
-            model = load_model(refiner_path, tokenizer_path, dtype=dtype, layout=None if layout == "auto" else layout)
+            model = load_model(refiner_path, tokenizer_path, dtype=dtype, device=device,
+                               layout=None if layout == "auto" else layout, offload=policy, attention="auto")
             model.name = Path(refiner_path).name
             refiner_name, tokenizer_name, max_cells = Path(refiner_path).name, Path(tokenizer_path).name, MAX_LATENT_CELLS
-    if fp8:
-        store_weights_fp8(model.refiner, parse_dtype(weight_dtype))
     if fit_preview and model.preview is None:
         try:
             model.preview = fit_preview_projection(model)
         except Exception as error:  # a preview is a nicety: never fail the load for it
             log.warning("GRN: no live RGB preview for %s (%s)", refiner_name, error)
-    return LoadedGRN(model, refiner_name, tokenizer_name, weight_dtype, offload == OFFLOAD_POLICIES[1], max_cells)
+    keep = OffloadPolicy.parse(policy).mode == "none"
+    return LoadedGRN(model, refiner_name, tokenizer_name, weight_dtype, keep, max_cells, policy)
 
 
-def _load_tiny(dtype: Optional[torch.dtype]) -> tuple[GRNModel, int]:
+def _load_tiny(dtype: Optional[str], device: Any = None, offload: str = "auto") -> tuple[GRNModel, int]:
     """The tiny model shipped in ``grn_core/assets/tiny`` (its own loader when the library has one)."""
+    wanted = {"dtype": dtype, "device": device, "offload": offload}
     for module_name in ("grn_core.tiny", "grn_core.assets.tiny"):
         try:
             module = importlib.import_module(module_name)
@@ -143,12 +192,14 @@ def _load_tiny(dtype: Optional[torch.dtype]) -> tuple[GRNModel, int]:
             continue
         loader = getattr(module, "load_tiny_model", None)
         if loader is not None:
-            model = loader(dtype=dtype) if dtype is not None else loader()
+            accepted = inspect.signature(loader).parameters
+            model = loader(**{k: v for k, v in wanted.items() if v is not None and k in accepted})
             return model, int(getattr(module, "MAX_LATENT_CELLS", MAX_LATENT_CELLS))
     if not model_files.tiny_available():
         raise GRNNodeError(model_files.tiny_missing_message(LOAD))
     folder = model_files.tiny_dir()
-    model = load_model(folder / "refiner.safetensors", folder / "tokenizer.safetensors", dtype=dtype)
+    model = load_model(folder / "refiner.safetensors", folder / "tokenizer.safetensors", dtype=dtype, device=device,
+                       offload=offload, attention="auto")
     model.name = "tiny"
     if model.text_encoder is None:
         try:
@@ -172,22 +223,6 @@ class PromptEncoderAdapter:
         return self.encoder.encode(prompt)
 
 
-def store_weights_fp8(module: torch.nn.Module, fp8_dtype: torch.dtype) -> int:
-    """Keep Linear weight matrices in fp8 and upcast them per call (ComfyUI's "manual cast"); returns the count."""
-    converted = 0
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear) and layer.weight.dtype.is_floating_point:
-            layer.weight.data = layer.weight.data.to(fp8_dtype)
-
-            def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-                bias = None if self.bias is None else self.bias.to(x.dtype)
-                return F.linear(x, self.weight.to(x.dtype), bias)
-
-            layer.forward = types.MethodType(forward, layer)
-            converted += 1
-    return converted
-
-
 def fit_preview_projection(model: GRNModel, cells: int = 16, seed: int = 0) -> LatentRGBProjection:
     """Fit latent -> RGB on a synthetic image of random colour cells, one cell per latent position.
 
@@ -197,8 +232,8 @@ def fit_preview_projection(model: GRNModel, cells: int = 16, seed: int = 0) -> L
     g = torch.Generator().manual_seed(seed)
     colours = torch.rand(1, 3, cells, cells, generator=g) * 2 - 1
     image = colours.repeat_interleave(sf, 2).repeat_interleave(sf, 3)
-    weight = next(model.tokenizer.parameters())
-    with torch.inference_mode():
+    with model.stage(model.tokenizer), torch.inference_mode():
+        weight = next(model.tokenizer.parameters())
         z = model.tokenizer.encode(image.to(weight.device, weight.dtype))  # [1, d, 1, cells, cells]
         zq = hbq.bits_to_features(hbq.features_to_bits(z, model.rounds), model.rounds)
     feats = zq[0, :, 0].reshape(zq.shape[1], -1).T.float().cpu()
@@ -241,8 +276,20 @@ def _exists(folder_paths: Any, name: str) -> bool:
 @contextlib.contextmanager
 def on_device(loaded: LoadedGRN, device: Any, offload_device: Any = "cpu",
               after: Optional[Callable[[], None]] = None) -> Iterator[GRNModel]:
-    """Move refiner + tokenizer to ``device`` for the run; offload (unless kept) and call ``after`` in ``finally``."""
+    """Around a node's run: call ``after`` (ComfyUI's cache cleanup) in ``finally``.
+
+    When the pipeline places the models (``model.compute_device`` set by ``load_grn(device=...)``) each stage moves
+    what it needs per the offload policy, so nothing is moved here. Otherwise refiner + tokenizer go to ``device`` for
+    the run and back to ``offload_device`` afterwards unless ``keep_on_device``.
+    """
     model = loaded.model
+    if model.compute_device is not None:
+        try:
+            yield model
+        finally:
+            if after is not None:
+                after()
+        return
     try:
         model.refiner.to(device)
         model.tokenizer.to(device)
@@ -585,62 +632,90 @@ def _generate_from_bits(model: GRNModel, feats: PromptFeatures, request: Generat
     return generate_tokens(model, feats, request, first_frame=frame, callback=recorder)
 
 
+def refiner_memory_bytes(loaded: LoadedGRN, plan: SizePlan, task: str, settings: SamplerSettings | C2ISettings,
+                         conditioning: Optional[GRNConditioning] = None) -> int:
+    """Device bytes the refiner stage still needs: its weights (unless they stay on the device between runs, offload
+    ``none``) plus one step's peak activations — what ComfyUI is asked to free before the run. Class-to-image steps
+    are small next to the weights: weights only."""
+    model = loaded.model
+    resident = model.compute_device is not None and not model.offload.moves_models and \
+        model.compute_device.type != "cpu"
+    weights = 0 if resident else module_bytes(model.refiner)
+    if model.is_c2i:
+        return weights
+    config = model.refiner.config
+    sf, tf = model.spatial_factor, model.temporal_factor
+    t, h, w = 1 + (plan.frames - 1) // tf, plan.height // sf, plan.width // sf
+    if task == "i2v":
+        t -= 1  # the refiner sees the given frame's tokens as a prefix, not as generated rows
+    text_tokens = 128
+    if conditioning is not None and task in conditioning.features:
+        text_tokens = int(conditioning.features[task].cond.shape[0])
+    storage, compute = _refiner_dtypes(model.refiner)
+    activations = refiner_step_bytes(config, (t, h, w), text_tokens=text_tokens,
+                                     branches=1 if float(settings.guidance) == 1.0 else 2, compute=compute,
+                                     first_frame=task == "i2v", storage=storage)
+    return weights + activations
+
+
+def _refiner_dtypes(refiner: torch.nn.Module) -> tuple[torch.dtype, torch.dtype]:
+    """(weight storage, matmul compute) dtypes of a loaded refiner."""
+    for module in refiner.modules():
+        if isinstance(module, Fp8Linear):
+            return module.fp8_dtype, module.compute_dtype
+    for module in refiner.modules():
+        if isinstance(module, torch.nn.Linear):
+            return module.weight.dtype, module.weight.dtype
+    dtype = next(refiner.parameters()).dtype
+    return dtype, dtype
+
+
 def interrupted(result: TokenResult) -> bool:
     return bool(getattr(result.sampling, "interrupted", False))
 
 
 # ==== Decode Video / Encode Image =====================================================================================
 
-def decode_to_images(loaded: LoadedGRN, tokens: TokenResult, tile: int = 0, overlap: int = 2) -> torch.Tensor:
+def decode_to_images(loaded: LoadedGRN, tokens: TokenResult, tile: int = 0,
+                     overlap: int = DECODE_OVERLAP) -> torch.Tensor:
     """Tokens -> IMAGE ``[B*T, H, W, 3]`` float32 in [0, 1] on the CPU (frames of every sample, in order).
 
-    Decodes latent frame by latent frame; ``tile`` > 0 also splits space into tiles of ``tile`` latent cells with
-    ``overlap`` cells blended, bounding memory for large frames.
+    Decodes sample by sample and latent frame by latent frame (``grn_core.tokenizer.tiled``); ``tile`` > 0 also
+    splits space into tiles of ``tile`` latent cells with ``overlap`` cells blended (at most half a tile), bounding
+    memory for large frames. Out of memory raises ``GRNOutOfMemoryError`` saying which settings to change.
     """
     model = loaded.model
     bits = tokens.bits if isinstance(tokens, TokenResult) else tokens
     if bits.shape[1] != model.rounds * model.latent_channels:
         raise GRNNodeError(f"{DECODE}: the tokens have {bits.shape[1]} bit channels but {loaded.tokenizer_name} "
                            f"decodes {model.rounds * model.latent_channels}; use the GRN_MODEL that made them.")
-    with errors_from(DECODE):
-        if tile and max(bits.shape[-2:]) > tile:
-            video = torch.cat([decode_tiled(model, bits[b:b + 1], tile, overlap) for b in range(bits.shape[0])])
-        else:
-            video = decode_tokens(model, bits)  # [B, T, H, W, 3]
-    return video.reshape(-1, *video.shape[2:]).float().contiguous()
+    if tile < 0:
+        raise GRNNodeError(f"{DECODE}: tile {tile} is negative; use 0 (whole frames) or a tile size in latent cells.")
+    tile_arg = int(tile) if tile else None
+    overlap = max(0, min(int(overlap), int(tile) // 2)) if tile else int(overlap)
+    device = model.compute_device
+    if device is None:
+        device = next(model.tokenizer.parameters()).device
+    advice = lambda: decode_advice(int(tile), loaded.offload_setting)  # noqa: E731
+    samples = []
+    with errors_from(DECODE), oom_guard("the tokenizer decode", advice, device), model.stage(model.tokenizer), \
+            torch.inference_mode():
+        for b in range(bits.shape[0]):
+            samples.append(_decode_sample(model, bits[b:b + 1], tile_arg, overlap))
+    return torch.cat(samples).contiguous()
 
 
-def decode_tiled(model: GRNModel, bits: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
-    """One sample ``[1, bits, t, h, w]`` -> ``[1, T, H, W, 3]``, decoding overlapping spatial tiles."""
-    _, _, _, h, w = bits.shape
-    sf = model.spatial_factor
-    overlap = max(0, min(overlap, tile // 2))
-    step = max(1, tile - overlap)
-    ys = sorted({min(y, max(0, h - tile)) for y in range(0, h, step)})
-    xs = sorted({min(x, max(0, w - tile)) for x in range(0, w, step)})
-    out = weight_sum = None
-    for y in ys:
-        for x in xs:
-            piece = decode_tokens(model, bits[..., y:y + tile, x:x + tile])[0]  # [T, th, tw, 3]
-            th, tw = piece.shape[1:3]
-            ramp_y = _ramp(th, overlap * sf if y > 0 else 0, overlap * sf if y + tile < h else 0)
-            ramp_x = _ramp(tw, overlap * sf if x > 0 else 0, overlap * sf if x + tile < w else 0)
-            mask = (ramp_y[:, None] * ramp_x[None, :])[None, :, :, None]
-            if out is None:
-                out = torch.zeros(piece.shape[0], h * sf, w * sf, 3)
-                weight_sum = torch.zeros(1, h * sf, w * sf, 1)
-            out[:, y * sf:y * sf + th, x * sf:x * sf + tw] += piece * mask
-            weight_sum[:, y * sf:y * sf + th, x * sf:x * sf + tw] += mask
-    return (out / weight_sum.clamp_min(1e-6)).unsqueeze(0)
+def _decode_sample(model: GRNModel, bits: torch.Tensor, tile: Optional[int], overlap: int) -> torch.Tensor:
+    """One sample's bits ``[1, rounds*d, t, h, w]`` -> frames ``[T, H, W, 3]`` in [0, 1] on the CPU.
 
-
-def _ramp(n: int, head: int, tail: int) -> torch.Tensor:
-    r = torch.ones(n)
-    if head:
-        r[:head] = torch.linspace(0, 1, head + 2)[1:-1]
-    if tail:
-        r[n - tail:] = torch.linspace(1, 0, tail + 2)[1:-1]
-    return r
+    Its own function so that the device tensors are locals of a finished frame when an out-of-memory error passes
+    (``oom_guard`` clears those before emptying the cache).
+    """
+    weight = next(model.tokenizer.parameters())
+    z = hbq.bits_to_features(bits.to(weight.device), model.rounds, dtype=weight.dtype)
+    video = tiled.decode_tiled(model.tokenizer, z, tile=tile, overlap=overlap, out_device="cpu",
+                               out_dtype=torch.float32)  # [1, 3, T, H, W]
+    return ((video[0] + 1) / 2).clamp_(0, 1).permute(1, 2, 3, 0)  # [T, H, W, 3]
 
 
 def encode_images(loaded: LoadedGRN, images: torch.Tensor, width: int = 0, height: int = 0) -> TokenResult:
@@ -661,8 +736,8 @@ def encode_images(loaded: LoadedGRN, images: torch.Tensor, width: int = 0, heigh
     frames = 1 + (n - 1) // tf * tf
     clip = resize_crop(images[:frames, :, :, :3].permute(0, 3, 1, 2).float(), width, height) * 2 - 1
     video = clip.permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, T, H, W]
-    weight = next(model.tokenizer.parameters())
-    with torch.inference_mode(), errors_from(ENCODE_IMAGE):
+    with errors_from(ENCODE_IMAGE), model.stage(model.tokenizer), torch.inference_mode():
+        weight = next(model.tokenizer.parameters())
         z = model.tokenizer.encode(video.to(weight.device, weight.dtype))
         bits = hbq.features_to_bits(z, model.rounds).cpu()
     return TokenResult(bits, None, "encoded", width, height, frames, {"steps": [], "model": loaded.tokenizer_name})

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from grn_core.checkpoints import checkpoint_metadata, save_checkpoint
-from grn_core.pipeline import GRNModel, load_model
+from grn_core.pipeline import GRNModel, decode_tokens, load_model
+from grn_core.runtime.fp8 import Fp8Linear
+from grn_core.runtime.memory import GRNOutOfMemoryError
+from grn_core.runtime.offload import module_bytes
 from grn_core.tokenizer import HBQTokenizer, TokenizerConfig
 from nodes import logic, model_files
 from nodes.widget_events import MAX_EVENT_BYTES, event_size, unpack_state_map
@@ -81,15 +84,72 @@ def test_bad_dtype_is_rejected():
 
 
 def test_fp8_storage_keeps_outputs_close(loaded):
-    model = load_model(REFINER, TOKENIZER)
-    layer = next(m for m in model.refiner.modules() if isinstance(m, torch.nn.Linear))
+    plain = load_model(REFINER, TOKENIZER, dtype="fp32")
+    fp8 = load_model(REFINER, TOKENIZER, dtype="fp8_e4m3fn")
+    assert fp8.compute_device is None  # device=None: loaded on the CPU, placed by the caller
+    name, layer = next((n, m) for n, m in fp8.refiner.named_modules() if isinstance(m, Fp8Linear))
+    reference = plain.refiner.get_submodule(name)
+    assert layer.weight.dtype == torch.float8_e4m3fn and fp8.weight_dtype == "fp8_e4m3fn"
     x = torch.randn(2, layer.in_features)
-    before = layer(x)
-    assert logic.store_weights_fp8(model.refiner, torch.float8_e4m3fn) > 0
-    assert layer.weight.dtype == torch.float8_e4m3fn
-    after = layer(x)
-    assert after.dtype == x.dtype
+    before = reference(x)
+    after = layer(x.to(layer.compute_dtype)).float()
     assert (after - before).abs().max() <= 0.1 * before.abs().max()
+
+
+def test_weight_dtype_passes_through_to_the_loader():
+    loaded = logic.load_grn(REFINER, TOKENIZER, weight_dtype="fp8_e5m2", fit_preview=False)
+    assert loaded.model.weight_dtype == "fp8_e5m2" and loaded.weight_dtype == "fp8_e5m2"
+    assert any(isinstance(m, Fp8Linear) for m in loaded.model.refiner.modules())
+    assert logic.load_grn(REFINER, TOKENIZER, weight_dtype="bf16", fit_preview=False).model.weight_dtype == "bf16"
+
+
+@pytest.mark.parametrize("choice, policy, keep", [("auto", "auto", False), ("none", "none", True),
+                                                  ("model", "model", False), ("blocks:8", "blocks:8", False),
+                                                  ("offload after run", "model", False),
+                                                  ("keep on device", "none", True)])
+def test_offload_choices_and_older_saved_values(choice, policy, keep):
+    assert choice in logic.OFFLOAD_POLICIES
+    loaded = logic.load_grn(REFINER, TOKENIZER, offload=choice, fit_preview=False)
+    assert loaded.offload == policy and loaded.keep_on_device is keep
+    assert loaded.model.compute_device is None  # no device given: the nodes' on_device places the models
+
+
+def test_bad_offload_names_node_and_choices():
+    with pytest.raises(logic.GRNNodeError, match=r"^Load GRN: offload 'sometimes' is not one of auto, none, model"):
+        logic.load_grn(REFINER, TOKENIZER, offload="sometimes", fit_preview=False)
+    with pytest.raises(logic.GRNNodeError, match=r"^Load GRN: offload='blocks:0': N in 'blocks:N' must be a positive"):
+        logic.load_grn(REFINER, TOKENIZER, offload="blocks:0", fit_preview=False)
+
+
+def test_pipeline_placed_model_is_not_moved_by_on_device():
+    loaded = logic.load_grn(REFINER, TOKENIZER, offload="offload after run", device="cpu", fit_preview=False)
+    model = loaded.model
+    assert model.compute_device == torch.device("cpu") and model.offload.mode == "none"  # nothing to offload to
+    assert "offload none on cpu" in loaded.describe()
+    moved, cleaned = [], []
+    model.refiner.to = lambda *a, **k: moved.append(a)  # any move by on_device would show here
+    try:
+        with logic.on_device(loaded, "meta", "cpu", after=lambda: cleaned.append(True)) as inside:
+            assert inside is model
+    finally:
+        del model.refiner.to
+    assert moved == [] and cleaned == [True]
+
+
+def test_caller_placed_model_moves_and_offloads_around_the_run():
+    loaded = logic.load_grn(REFINER, TOKENIZER, fit_preview=False)
+    calls, cleaned = [], []
+    modules = {"refiner": loaded.model.refiner, "tokenizer": loaded.model.tokenizer}
+    for name, module in modules.items():
+        module.to = lambda device, *a, name=name, **k: calls.append((name, str(device)))
+    try:
+        with logic.on_device(loaded, "cuda:7", "cpu", after=lambda: cleaned.append(True)):
+            pass
+    finally:
+        for module in modules.values():
+            del module.to
+    assert calls == [("refiner", "cuda:7"), ("tokenizer", "cuda:7"), ("refiner", "cpu"), ("tokenizer", "cpu")]
+    assert cleaned == [True]
 
 
 # ---- Encode Prompt ------------------------------------------------------------------------------------------------
@@ -270,8 +330,46 @@ def test_decode_gives_comfy_images(loaded, conditioning):
     images = logic.decode_to_images(loaded, tokens)
     assert images.shape == (5, 48, 64, 3) and images.dtype == torch.float32
     assert 0 <= float(images.min()) and float(images.max()) <= 1
+    reference = decode_tokens(loaded.model, tokens)  # the pipeline's whole-frame decode
+    assert torch.equal(images, reference.reshape(-1, *reference.shape[2:]))
+    assert torch.equal(logic.decode_to_images(loaded, tokens, tile=4), images)  # a tile covering the grid
     tiled = logic.decode_to_images(loaded, tokens, tile=2, overlap=1)
     assert tiled.shape == images.shape and 0 <= float(tiled.min()) and float(tiled.max()) <= 1
+    assert not torch.equal(tiled, images)
+    assert (tiled - images).abs().mean() < 0.1  # seams only: the tiles share the whole-frame stem
+    assert logic.decode_to_images(loaded, tokens, tile=3).shape == images.shape  # overlap clamped to half a tile
+
+
+def test_decode_out_of_memory_names_node_and_settings(loaded, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(logic.tiled, "decode_tiled", exhausted)
+    bits = torch.zeros(1, 32, 1, 3, 4, dtype=torch.uint8)
+    with pytest.raises(GRNOutOfMemoryError, match=r"^GRN Decode Video: Out of memory during the tokenizer decode") as e:
+        logic.decode_to_images(loaded, bits, tile=16)
+    assert "a smaller decode tile (now 16" in str(e.value) and "Tried to allocate 20.00 GiB" in str(e.value)
+    with pytest.raises(GRNOutOfMemoryError, match="tiled decoding: set a decode tile") as e:
+        logic.decode_to_images(loaded, bits)
+    assert e.value.advice and e.value.stage == "the tokenizer decode"
+
+
+def test_sampler_out_of_memory_gets_the_node_prefix():
+    with pytest.raises(GRNOutOfMemoryError, match=r"^GRN Refine Sampler: Out of memory during the refiner step"):
+        with logic.errors_from(logic.SAMPLER):
+            raise GRNOutOfMemoryError("Out of memory during the refiner step (CUDA out of memory).",
+                                      "the refiner step", ["offload: 'blocks'"])
+
+
+def test_refiner_memory_request_counts_weights_and_one_step(loaded, conditioning):
+    small = logic.plan_size(loaded, 64, 48, 1, task="t2i")
+    large = logic.plan_size(loaded, 512, 512, 33, task="t2v")
+    settings = logic.build_settings("t2v", 4, 3.0, 1.0)
+    weights = module_bytes(loaded.model.refiner)
+    need_small = logic.refiner_memory_bytes(loaded, small, "t2i", settings, conditioning)
+    need_large = logic.refiner_memory_bytes(loaded, large, "t2v", settings, conditioning)
+    unguided = logic.refiner_memory_bytes(loaded, large, "t2v", logic.build_settings("t2v", 4, 1.0, 1.0), conditioning)
+    assert weights < need_small < need_large and weights < unguided < need_large
 
 
 def test_decode_refuses_tokens_of_another_model(loaded):

@@ -97,6 +97,19 @@ def test_loader_offers_tiny_and_released_files_without_comfyui(schemas):
     assert refiner.kwargs["options"][0] == "tiny" and "GRN_T2V_2B_FSA_sft147400_ema.pth" in refiner.kwargs["options"]
 
 
+def test_loader_offload_defaults_to_auto_and_keeps_older_saved_values(schemas):
+    offload = next(i for i in schemas["GRNLoadModel"].inputs if i.id == "offload")
+    options = offload.kwargs["options"]
+    assert offload.kwargs["default"] == "auto" and options[0] == "auto"
+    assert {"none", "model", "blocks"} <= set(options) and any(o.startswith("blocks:") for o in options)
+    # Workflows saved before the library owned offloading still validate (ComfyUI rejects values not in a combo).
+    assert {"offload after run", "keep on device"} <= set(options)
+    position = widget_names(schemas["GRNLoadModel"]).index("offload")
+    for name in WORKFLOW_FILES:
+        loader = next(n for n in load(name)["nodes"] if n["type"] == "GRNLoadModel")
+        assert loader["widgets_values"][position] in options
+
+
 @pytest.mark.parametrize("name", WORKFLOW_FILES)
 def test_workflow_is_ui_format_with_known_nodes(name, schemas):
     wf = load(name)

@@ -98,7 +98,7 @@ def grn(type_: str, **values) -> list:
 
 def loader(refiner: str) -> list:
     return grn("GRNLoadModel", refiner=refiner, tokenizer="auto", weight_dtype="default", layout="auto",
-               offload="offload after run", download_missing=False)
+               offload="auto", download_missing=False)
 
 
 def prompt_node(text: str, task: str = "auto") -> list:
