@@ -13,7 +13,7 @@ import torch
 
 from .media import write_frames
 from .models import MODEL_CHOICES, load_named
-from .sampler import ADAPTIVE_DEFAULTS, C2ISettings, SamplerSettings, StepInfo
+from .sampler import ADAPTIVE_DEFAULTS, AdaptiveSteps, C2ISettings, SamplerSettings, StepInfo
 from .sampler.states import BLANK, ERASE, FILL, KEEP
 
 # Paper colours of the four token states (README of the official repository).
@@ -96,16 +96,18 @@ def _preview_image(preview: torch.Tensor, scale: int = 4):
     return Image.fromarray(strip.numpy()).resize((t * w * scale, h * scale), Image.NEAREST)
 
 
-def _settings(args: argparse.Namespace, task: str):
-    if task == "c2i":
-        base = C2ISettings.official_adaptive() if args.adaptive is not False else C2ISettings()
-        changes = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance),
-                                     ("temperature", args.temperature)) if v is not None}
-        return C2ISettings(**{**base.to_dict(), **changes})
-    adaptive = args.adaptive if args.adaptive is not None else ADAPTIVE_DEFAULTS[task].calibrated
+def _settings(args: argparse.Namespace, task: str, model_rule: Optional[AdaptiveSteps] = None):
+    """Sampler settings from the flags; adaptive steps default to on where a calibrated rule exists (the model's own,
+    else the family's)."""
     overrides = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance),
                                    ("temperature", args.temperature)) if v is not None}
-    return SamplerSettings.for_task(task, adaptive=adaptive, **overrides)
+    if task == "c2i":
+        base = C2ISettings.official_adaptive() if args.adaptive is not False else C2ISettings()
+        return C2ISettings(**{**base.to_dict(), **overrides})
+    rule = model_rule if model_rule is not None and model_rule.calibrated else ADAPTIVE_DEFAULTS[task]
+    adaptive = args.adaptive if args.adaptive is not None else rule.calibrated
+    settings = SamplerSettings.for_task(task, **overrides)
+    return settings.replace(adaptive=rule) if adaptive else settings
 
 
 def _load(args: argparse.Namespace):
@@ -155,7 +157,7 @@ def run_cli(args: argparse.Namespace) -> int:
     width = args.width or defaults.get("width", width)
     height = args.height or defaults.get("height", height)
     frames = args.frames or (defaults.get("frames", frames) if task in ("t2v", "i2v") else 1)
-    settings = _settings(args, task)
+    settings = _settings(args, task, model.adaptive)
 
     progress = ProgressLine()
     if args.preview_dir is not None:

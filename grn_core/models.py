@@ -52,7 +52,7 @@ def load_tiny(device: Any = "cpu", dtype: Any = None):
     """The built-in tiny text-to-video model: refiner, tokenizer and its download-free text encoder."""
     from .checkpoint_files import read_checkpoint
     from .pipeline import load_model
-    from .sampler import LatentRGBProjection
+    from .sampler import AdaptiveSteps, LatentRGBProjection
     from .text.hashed import HashedTextEncoder
 
     if not tiny_available():
@@ -68,6 +68,8 @@ def load_tiny(device: Any = "cpu", dtype: Any = None):
         model.preview = LatentRGBProjection.from_dict(json.loads(meta["grn.preview"]))
     if "grn.defaults" in meta:
         model.defaults = json.loads(meta["grn.defaults"])
+    if "grn.adaptive" in meta:
+        model.adaptive = AdaptiveSteps(**json.loads(meta["grn.adaptive"]))
     model.name = "tiny"
     return model
 

@@ -32,7 +32,7 @@ from .runtime.fp8 import Fp8Linear
 from .runtime.memory import decode_advice, oom_guard, refiner_step_bytes, step_advice
 from .runtime.offload import OffloadPolicy, auto_policy, module_bytes, on_device
 from .runtime.precision import resolve_precision
-from .sampler import LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
+from .sampler import AdaptiveSteps, LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
 
 TASKS = ("t2i", "t2v", "i2v", "c2i")
 UMT5_XXL_BF16_BYTES = 11_360_000_000  # 5.68B parameters: what offload="auto" budgets for the text encoder
@@ -61,6 +61,7 @@ class GRNModel:
     text_encoder: a built-in encoder (the tiny model ships one); released models use umt5-xxl, loaded separately.
     preview: a fitted latent → RGB projection for cheap live previews, when one is known for the tokenizer.
     defaults: output size the model was made for (``width``, ``height``, ``frames``), when the file says so.
+    adaptive: the adaptive-step rule calibrated for this model, when the file carries one.
     compute_device: where the stages run when the pipeline places the models (``load_model(device=...)``); None:
         the caller places them and the pipeline never moves anything.
     offload: the resolved :class:`~grn_core.runtime.offload.OffloadPolicy` (never ``auto``).
@@ -73,6 +74,7 @@ class GRNModel:
     text_encoder: Optional[TextEncoder] = None
     preview: Optional[LatentRGBProjection] = None
     defaults: dict = field(default_factory=dict)
+    adaptive: Optional[AdaptiveSteps] = None
     compute_device: Optional[torch.device] = None
     offload: OffloadPolicy = field(default_factory=lambda: OffloadPolicy("none"))
 
