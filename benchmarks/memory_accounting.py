@@ -12,20 +12,22 @@ adds up what is on the device at that stage's peak:
   float32; fp8 keeps the Linears of the repeated blocks in 8 bits plus a float32 scale per output row; block offload
   keeps ``1 + prefetch`` streamed blocks on the device);
 * refiner activations of one step for both guidance branches, packed (visual ``t*h*w`` + text + 1 step token per
-  branch): *measured*, by tracking live tensor storage (:class:`LiveTensorBytes`) through a real step of a one-block
-  model of the preset's true width on the CPU at two small sequence lengths, then extrapolated linearly in the row
-  count (every activation of a block is ``rows x width`` or ``rows x mlp_hidden``; attention is a flash /
-  memory-efficient kernel on the GPU, so it has no ``L x L`` term; blocks run one after another, so depth does not
-  add). The CPU's attention kernel is swapped for a stand-in that allocates only its output, as flash does;
+  branch): *traced*, by tracking live tensor storage (:class:`LiveTensorBytes`) through ``step_logits`` of a
+  one-block model of the preset's true width and storage on the meta device at the real shape (blocks run one after
+  another with only the residual stream between them, so depth does not add). Attention is a flash /
+  memory-efficient kernel on the GPU (no ``L x L``): SDPA is swapped for a stand-in that allocates only its output,
+  and flash's log-sum-exp is added. (Cross-checked once against a real bf16 CPU step at small sizes extrapolated
+  linearly in the rows: 2.74 vs 2.75 GiB for GRN2b.);
 * sampler state: bits, random map Z, kept masks (uint8/bool ``[B, rounds*d, t, h, w]``), logits ``[tokens, 256, 2]``
   float32 for both branches, the guided probabilities and uniforms drawn per step;
 * tokenizer decode: whole frames, latent frame by latent frame (``decode_iter``), measured by tracking tensor
   storage through a decode on the meta device at the real size; and tiled (``grn_core.tokenizer.tiled``);
-* text encoder (umt5-xxl, bf16): on the device only in the text stage (model offload), then moved to the CPU.
+* text encoder (umt5-xxl, bf16): on the device only in the text stage (next to the refiner and tokenizer, which
+  stay: the settings named "no offload"), then moved to the CPU; with model offload that stage is umt5 alone.
 
 Not included (stated, not hidden): the CUDA context (~0.3-0.6 GB, outside PyTorch's allocator), allocator
-fragmentation / cached blocks (typically 5-15 % on top), cuDNN / cuBLAS workspaces, the fp8 dequantisation of a
-block's weights beyond the largest single matrix (upcast per call), and ComfyUI's own models.
+fragmentation / cached blocks (typically 5-15 % on top), cuDNN / cuBLAS workspaces, and ComfyUI's own models. (The
+fp8 per-call upcast of a weight matrix happens inside the traced step and is counted.)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grn_core.refiner import GRNRefiner, RefinerConfig  # noqa: E402
 from grn_core.refiner.config import PRESETS  # noqa: E402
 from grn_core.tokenizer import HBQTokenizer, TokenizerConfig  # noqa: E402
-from grn_core.tokenizer.tiled import decode_tiled_iter, estimate_decode_memory  # noqa: E402
+from grn_core.tokenizer.tiled import decode_tiled_iter  # noqa: E402
 
 GIB = 2**30
 # umt5-xxl on two prompts of 512 tokens: residual stream (4096, float32) and gated FFN (10240, bf16), a few of each
@@ -127,8 +129,7 @@ def refiner_weight_bytes(config: RefinerConfig, storage: str, offload_blocks: in
         return total
 
     per_block = module_bytes(blocks[0], True)
-    rest = sum(tensor_bytes(p, False, None) for p in model.parameters() if id(p) not in block_ids)
-    # rest includes nn.Linear weights outside blocks in bf16 (tensor_bytes with owner None: 2 bytes) -- correct.
+    rest = sum(tensor_bytes(p, False, None) for p in model.parameters() if id(p) not in block_ids)  # bf16 / fp32
     depth = len(blocks)
     streamed = min(offload_blocks, depth)
     on_device_blocks = depth - streamed + min(streamed, 1 + prefetch)
@@ -138,8 +139,6 @@ def refiner_weight_bytes(config: RefinerConfig, storage: str, offload_blocks: in
         "bytes_all": rest + depth * per_block,
         "bytes_on_device": rest + on_device_blocks * per_block,
         "block_bytes": per_block,
-        "largest_matrix_upcast": max(m.weight.numel() for b in blocks[:1] for m in b.modules()
-                                     if isinstance(m, nn.Linear)) * 2 if storage == "fp8" else 0,
     }
 
 
