@@ -48,8 +48,10 @@ def tiny_available() -> bool:
     return (TINY_DIR / "refiner.safetensors").is_file() and (TINY_DIR / "tokenizer.safetensors").is_file()
 
 
-def load_tiny(device: Any = "cpu", dtype: Any = None):
-    """The built-in tiny text-to-video model: refiner, tokenizer and its download-free text encoder."""
+def load_tiny(device: Any = "cpu", dtype: Any = None, offload: Any = "auto", attention: str = "auto"):
+    """The built-in tiny text-to-video model: refiner, tokenizer and its download-free text encoder, with what its
+    file says about it (live-preview projection, native size, calibrated adaptive-step rule). ``device``, ``dtype``,
+    ``offload`` and ``attention`` as for :func:`grn_core.pipeline.load_model`."""
     from .checkpoint_files import read_checkpoint
     from .pipeline import load_model
     from .sampler import AdaptiveSteps, LatentRGBProjection
@@ -61,7 +63,8 @@ def load_tiny(device: Any = "cpu", dtype: Any = None):
             "and tokenizer.safetensors). It is produced by `python -m grn_core.train`; until then use --model PATH "
             "with released files."
         )
-    model = load_model(TINY_DIR / "refiner.safetensors", TINY_DIR / "tokenizer.safetensors", dtype=dtype, device=device)
+    model = load_model(TINY_DIR / "refiner.safetensors", TINY_DIR / "tokenizer.safetensors", dtype=dtype, device=device,
+                       offload=offload, attention=attention)
     meta = read_checkpoint(TINY_DIR / "refiner.safetensors").metadata
     model.text_encoder = HashedTextEncoder.from_config(json.loads(meta["grn.text_encoder"]))
     if "grn.preview" in meta:

@@ -33,6 +33,7 @@ from .runtime.memory import decode_advice, oom_guard, refiner_step_bytes, step_a
 from .runtime.offload import OffloadPolicy, auto_policy, module_bytes, on_device
 from .runtime.precision import resolve_precision
 from .sampler import AdaptiveSteps, LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
+from .tokenizer import tiled
 
 TASKS = ("t2i", "t2v", "i2v", "c2i")
 UMT5_XXL_BF16_BYTES = 11_360_000_000  # 5.68B parameters: what offload="auto" budgets for the text encoder
@@ -398,20 +399,64 @@ def generate_tokens(
     return TokenResult(result.bits, result, task, request.width, request.height, request.frames)
 
 
-def decode_tokens(model: GRNModel, tokens: TokenResult | torch.Tensor) -> torch.Tensor:
-    """Bit maps → frames ``[B, T, H, W, 3]`` float32 in [0, 1] on the CPU, one sample and one latent frame at a time."""
+DECODE_OVERLAP = 4  # latent cells shared by neighbouring decode tiles; the tokenizer's tail sees ~4 cells around
+
+
+def decode_tokens(model: GRNModel, tokens: TokenResult | torch.Tensor, tile: int | str | None = "auto",
+                  overlap: int = DECODE_OVERLAP) -> torch.Tensor:
+    """Bit maps → frames ``[B, T, H, W, 3]`` float32 in [0, 1] on the CPU, one sample and one latent frame at a time.
+
+    ``tile``: ``None`` or 0 decodes whole frames; an int decodes spatial tiles of that many latent cells with
+    ``overlap`` cells blended (clamped to half a tile), so memory is bounded by the tile rather than the frame;
+    ``"auto"`` (default) tiles only on a CUDA device and only as much as its free memory requires
+    (:func:`grn_core.tokenizer.tiled.choose_tile`). Frames are assembled on the CPU either way.
+    """
     bits = tokens.bits if isinstance(tokens, TokenResult) else tokens
+    expected = model.rounds * model.latent_channels
+    if bits.dim() != 5 or bits.shape[1] != expected:
+        raise ValueError(f"the tokens have shape {tuple(bits.shape)} but this tokenizer decodes [B, {expected}, t, h, "
+                         f"w] bit maps; decode with the model that made them.")
+    if isinstance(tile, bool) or not (tile is None or tile == "auto" or (isinstance(tile, int) and tile >= 0)):
+        raise ValueError(f"tile={tile!r}: use 'auto', 0 / None (whole frames) or a tile size in latent cells.")
     samples = []
-    advice = lambda: decode_advice(0, model.offload.describe())  # noqa: E731
-    with model.stage(model.tokenizer), oom_guard("the tokenizer decode", advice, model.compute_device), \
-            torch.inference_mode():
+    with model.stage(model.tokenizer), torch.inference_mode():
         weight = next(model.tokenizer.parameters())
-        for b in range(bits.shape[0]):
-            z = hbq.bits_to_features(bits[b : b + 1].to(weight.device), model.rounds, dtype=weight.dtype)
-            chunks = [((chunk.float() + 1) / 2).clamp_(0, 1).cpu() for chunk in model.tokenizer.decode_iter(z)]
-            video = torch.cat(chunks, dim=2)[0]  # [3, T, H, W]
-            samples.append(video.permute(1, 2, 3, 0).contiguous())
+        size = _decode_tile(model, tuple(bits.shape[3:]), tile, overlap, weight)
+        cells = size or 0
+        advice = lambda: decode_advice(cells, model.offload.describe())  # noqa: E731
+        with oom_guard("the tokenizer decode", advice, model.compute_device):
+            for b in range(bits.shape[0]):
+                samples.append(_decode_sample(model, bits[b:b + 1], size, overlap, weight))
     return torch.stack(samples)
+
+
+def _decode_tile(model: GRNModel, grid: tuple[int, int], tile: int | str | None, overlap: int,
+                 weight: torch.Tensor) -> Optional[int]:
+    """The tile side in latent cells (None: whole frames) for ``decode_tokens``' ``tile`` argument."""
+    if tile != "auto":
+        return int(tile) if tile else None
+    if weight.device.type != "cuda":
+        return None  # CPU memory is the system's; per-latent-frame decoding already bounds it by one frame
+    free, _ = torch.cuda.mem_get_info(weight.device)
+    try:
+        chosen = tiled.choose_tile(model.tokenizer.config, grid, int(free * 0.8), overlap, weight.dtype)
+    except ValueError:
+        return 16  # not even small tiles fit by the estimate: try them anyway, out of memory then says what to do
+    return None if chosen is None else max(chosen)
+
+
+def _decode_sample(model: GRNModel, bits: torch.Tensor, tile: Optional[int], overlap: int,
+                   weight: torch.Tensor) -> torch.Tensor:
+    """One sample's bits ``[1, rounds*d, t, h, w]`` → frames ``[T, H, W, 3]`` in [0, 1] on the CPU.
+
+    Its own function so that its device tensors are already released when an out-of-memory error reaches
+    ``oom_guard`` (which empties the cache).
+    """
+    z = hbq.bits_to_features(bits.to(weight.device), model.rounds, dtype=weight.dtype)
+    overlap = min(overlap, tile // 2) if tile else overlap
+    video = tiled.decode_tiled(model.tokenizer, z, tile=tile, overlap=overlap, out_device="cpu",
+                               out_dtype=torch.float32)  # [1, 3, T, H, W]
+    return ((video[0] + 1) / 2).clamp_(0, 1).permute(1, 2, 3, 0).contiguous()
 
 
 def generate_class_tokens(

@@ -8,8 +8,6 @@ message starts with the node's display name and says what to change.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,16 +19,16 @@ import torch.nn.functional as F
 
 from grn_core import hbq
 from grn_core.checkpoints import inspect_checkpoint
-from grn_core.pipeline import (GenerationRequest, GRNModel, PromptFeatures, TokenResult, decode_tokens,
-                               encode_prompt, generate_class_tokens, generate_tokens, load_model)
+from grn_core.pipeline import (DECODE_OVERLAP, GenerationRequest, GRNModel, PromptFeatures, TokenResult,
+                               decode_tokens, encode_prompt, generate_class_tokens, generate_tokens, load_model)
+from grn_core.models import load_tiny
 from grn_core.refiner.buckets import BUCKET_SIDES, FPS, MAX_FRAMES, pixel_size, video_num_frames
 from grn_core.runtime.fp8 import Fp8Linear
-from grn_core.runtime.memory import GRNOutOfMemoryError, decode_advice, oom_guard, refiner_step_bytes
+from grn_core.runtime.memory import GRNOutOfMemoryError, refiner_step_bytes
 from grn_core.runtime.offload import OffloadPolicy, module_bytes
 from grn_core.sampler import (ADAPTIVE_DEFAULTS, AdaptiveSteps, C2ISettings, LatentRGBProjection, SamplerSettings,
                               SamplingInterrupted, StepInfo)
 from grn_core.text.cleaning import clean_prompt
-from grn_core.tokenizer import tiled
 
 from . import model_files
 from .widget_events import build_step_event
@@ -53,7 +51,6 @@ LAYOUTS = ("auto", "joint", "prefix")
 OFFLOAD_CHOICES = ("auto", "none", "model", "blocks", "blocks:4", "blocks:8", "blocks:16")
 LEGACY_OFFLOAD = {"offload after run": "model", "keep on device": "none"}
 OFFLOAD_POLICIES = OFFLOAD_CHOICES + tuple(LEGACY_OFFLOAD)
-DECODE_OVERLAP = 4  # latent cells shared by neighbouring decode tiles (at most half a tile)
 TASK_CHOICES = ("auto", "t2i", "t2v", "i2v")
 RESOLUTIONS = ("custom",) + tuple(BUCKET_SIDES)
 ASPECTS = {"from width/height": None, "1:1": 1.0, "16:9": 9 / 16, "9:16": 16 / 9, "4:3": 3 / 4, "3:4": 4 / 3,
@@ -183,31 +180,11 @@ def load_grn(
 
 
 def _load_tiny(dtype: Optional[str], device: Any = None, offload: str = "auto") -> tuple[GRNModel, int]:
-    """The tiny model shipped in ``grn_core/assets/tiny`` (its own loader when the library has one)."""
-    wanted = {"dtype": dtype, "device": device, "offload": offload}
-    for module_name in ("grn_core.tiny", "grn_core.assets.tiny"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        loader = getattr(module, "load_tiny_model", None)
-        if loader is not None:
-            accepted = inspect.signature(loader).parameters
-            model = loader(**{k: v for k, v in wanted.items() if v is not None and k in accepted})
-            return model, int(getattr(module, "MAX_LATENT_CELLS", MAX_LATENT_CELLS))
+    """The tiny model shipped in ``grn_core/assets/tiny``, with its text encoder, preview projection, native size and
+    calibrated adaptive rule (``grn_core.models.load_tiny`` reads them from the file)."""
     if not model_files.tiny_available():
         raise GRNNodeError(model_files.tiny_missing_message(LOAD))
-    folder = model_files.tiny_dir()
-    model = load_model(folder / "refiner.safetensors", folder / "tokenizer.safetensors", dtype=dtype, device=device,
-                       offload=offload, attention="auto")
-    model.name = "tiny"
-    if model.text_encoder is None:
-        try:
-            from grn_core.text.hashed import HashedTextEncoder
-            model.text_encoder = PromptEncoderAdapter(HashedTextEncoder(dim=int(model.text_channels)))
-        except ImportError:
-            pass
-    return model, MAX_LATENT_CELLS
+    return load_tiny(device=device, dtype=dtype, offload=offload), MAX_LATENT_CELLS
 
 
 class PromptEncoderAdapter:
@@ -680,9 +657,10 @@ def decode_to_images(loaded: LoadedGRN, tokens: TokenResult, tile: int = 0,
                      overlap: int = DECODE_OVERLAP) -> torch.Tensor:
     """Tokens -> IMAGE ``[B*T, H, W, 3]`` float32 in [0, 1] on the CPU (frames of every sample, in order).
 
-    Decodes sample by sample and latent frame by latent frame (``grn_core.tokenizer.tiled``); ``tile`` > 0 also
-    splits space into tiles of ``tile`` latent cells with ``overlap`` cells blended (at most half a tile), bounding
-    memory for large frames. Out of memory raises ``GRNOutOfMemoryError`` saying which settings to change.
+    ``grn_core.pipeline.decode_tokens`` does the work: sample by sample and latent frame by latent frame; ``tile`` > 0
+    also splits space into tiles of ``tile`` latent cells with ``overlap`` cells blended (at most half a tile);
+    ``tile`` 0 is automatic (whole frames unless the free GPU memory asks for tiles). Out of memory raises
+    ``GRNOutOfMemoryError`` saying which settings to change.
     """
     model = loaded.model
     bits = tokens.bits if isinstance(tokens, TokenResult) else tokens
@@ -690,32 +668,10 @@ def decode_to_images(loaded: LoadedGRN, tokens: TokenResult, tile: int = 0,
         raise GRNNodeError(f"{DECODE}: the tokens have {bits.shape[1]} bit channels but {loaded.tokenizer_name} "
                            f"decodes {model.rounds * model.latent_channels}; use the GRN_MODEL that made them.")
     if tile < 0:
-        raise GRNNodeError(f"{DECODE}: tile {tile} is negative; use 0 (whole frames) or a tile size in latent cells.")
-    tile_arg = int(tile) if tile else None
-    overlap = max(0, min(int(overlap), int(tile) // 2)) if tile else int(overlap)
-    device = model.compute_device
-    if device is None:
-        device = next(model.tokenizer.parameters()).device
-    advice = lambda: decode_advice(int(tile), loaded.offload_setting)  # noqa: E731
-    samples = []
-    with errors_from(DECODE), oom_guard("the tokenizer decode", advice, device), model.stage(model.tokenizer), \
-            torch.inference_mode():
-        for b in range(bits.shape[0]):
-            samples.append(_decode_sample(model, bits[b:b + 1], tile_arg, overlap))
-    return torch.cat(samples).contiguous()
-
-
-def _decode_sample(model: GRNModel, bits: torch.Tensor, tile: Optional[int], overlap: int) -> torch.Tensor:
-    """One sample's bits ``[1, rounds*d, t, h, w]`` -> frames ``[T, H, W, 3]`` in [0, 1] on the CPU.
-
-    Its own function so that the device tensors are locals of a finished frame when an out-of-memory error passes
-    (``oom_guard`` clears those before emptying the cache).
-    """
-    weight = next(model.tokenizer.parameters())
-    z = hbq.bits_to_features(bits.to(weight.device), model.rounds, dtype=weight.dtype)
-    video = tiled.decode_tiled(model.tokenizer, z, tile=tile, overlap=overlap, out_device="cpu",
-                               out_dtype=torch.float32)  # [1, 3, T, H, W]
-    return ((video[0] + 1) / 2).clamp_(0, 1).permute(1, 2, 3, 0)  # [T, H, W, 3]
+        raise GRNNodeError(f"{DECODE}: tile {tile} is negative; use 0 (automatic) or a tile size in latent cells.")
+    with errors_from(DECODE):
+        frames = decode_tokens(model, bits, tile=int(tile) if tile else "auto", overlap=int(overlap))
+    return frames.flatten(0, 1).contiguous()  # [B, T, H, W, 3] -> [B*T, H, W, 3]
 
 
 def encode_images(loaded: LoadedGRN, images: torch.Tensor, width: int = 0, height: int = 0) -> TokenResult:

@@ -10,6 +10,7 @@ import torch
 
 from grn_core.checkpoints import checkpoint_metadata, save_checkpoint
 from grn_core.pipeline import GRNModel, decode_tokens, load_model
+from grn_core.tokenizer import tiled as tiled_decode
 from grn_core.runtime.fp8 import Fp8Linear
 from grn_core.runtime.memory import GRNOutOfMemoryError
 from grn_core.runtime.offload import module_bytes
@@ -69,6 +70,19 @@ def test_tokenizer_refiner_mismatch_names_node_and_fix(tmp_path):
 def test_wrong_file_kind_names_node(tmp_path):
     with pytest.raises(logic.GRNNodeError, match=r"^Load GRN: .*tokenizer.*refiner"):
         logic.load_grn(TOKENIZER, TOKENIZER, fit_preview=False)
+
+
+def test_tiny_choice_carries_what_its_file_says():
+    if not model_files.tiny_available():
+        pytest.skip("the tiny model is not in this checkout")
+    from grn_core.models import load_tiny
+
+    loaded = logic.load_grn(None, None)
+    reference = load_tiny()
+    assert loaded.refiner_name == "tiny" and loaded.model.name == "tiny"
+    assert loaded.model.defaults == reference.defaults and loaded.model.adaptive == reference.adaptive
+    assert torch.equal(loaded.model.preview.weight, reference.preview.weight)  # the shipped projection, not a refit
+    assert loaded.model.text_encoder.config == reference.text_encoder.config
 
 
 def test_tiny_choice_without_assets_is_a_clear_error():
@@ -344,7 +358,7 @@ def test_decode_out_of_memory_names_node_and_settings(loaded, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(logic.tiled, "decode_tiled", exhausted)
+    monkeypatch.setattr(tiled_decode, "decode_tiled", exhausted)  # what pipeline.decode_tokens calls
     bits = torch.zeros(1, 32, 1, 3, 4, dtype=torch.uint8)
     with pytest.raises(GRNOutOfMemoryError, match=r"^GRN Decode Video: Out of memory during the tokenizer decode") as e:
         logic.decode_to_images(loaded, bits, tile=16)

@@ -71,6 +71,21 @@ def test_text_to_video_end_to_end_is_seeded(model):
     assert frames.dtype == torch.float32 and 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
 
 
+def test_decode_tiles_bound_memory_and_check_their_input(model):
+    bits = torch.randint(0, 2, (1, 32, 2, 3, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    whole = decode_tokens(model, bits, tile=None)
+    assert whole.shape == (1, 5, 48, 64, 3)
+    assert torch.equal(decode_tokens(model, bits), whole)  # "auto" on a CPU: whole frames
+    assert torch.equal(decode_tokens(model, bits, tile=4), whole)  # a tile covering the grid
+    tiled = decode_tokens(model, bits, tile=2, overlap=4)  # overlap clamped to half the tile
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+    assert (tiled - whole).abs().mean() < 0.1  # seams only
+    with pytest.raises(ValueError, match=r"tile=-1: use 'auto', 0 / None"):
+        decode_tokens(model, bits, tile=-1)
+    with pytest.raises(ValueError, match=r"tokens have shape \(1, 16, 2, 3, 4\).*\[B, 32, t, h, w\]"):
+        decode_tokens(model, bits[:, :16])
+
+
 def test_guidance_one_skips_the_negative_prompt(model):
     encoder = WordHashEncoder()
     feats = encode_prompt(model, encoder, "a blue square", task="t2i", need_uncond=False)

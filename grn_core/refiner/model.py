@@ -387,6 +387,19 @@ class GRNRefiner(nn.Module):
         """One block on the packed tokens ``x [N, width]``; attention within each run's sequences."""
         cfg = self.config
         q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
+        attn = self._attend(q, k, v, runs, layer, contexts)
+        # Release attention's tensors before the MLP, whose hidden activations are the block's largest: the q/k/v
+        # buffer and the attention output alive beside them would add ~5 widths per row to the step's peak
+        # (runtime.memory.refiner_step_bytes counts the MLP phase without them).
+        del q, k, v
+        x = _linear(attn, block.attn.o_proj, residual=x)
+        del attn
+        return block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: Sequence[_Run], layer: int,
+                contexts: Sequence[TextContext]) -> torch.Tensor:
+        """Attention of the packed ``q, k, v [N, heads, head_dim]`` within each run's sequences -> ``[N, ...]``."""
+        cfg = self.config
         outs = []
         for run in runs:
             rows = slice(run.start, run.start + run.count * run.length)
@@ -398,9 +411,7 @@ class GRNRefiner(nn.Module):
                 k_t, v_t = self._text_kv(ctx, layer, run)
                 k_r, v_r = torch.cat([k_t, k_r], dim=1), torch.cat([v_t, v_r], dim=1)
             outs.append(self._sdpa(q_r, k_r, v_r))
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-        x = _linear(attn, block.attn.o_proj, residual=x)
-        return block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
     def _text_kv(ctx: TextContext, layer: int, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:

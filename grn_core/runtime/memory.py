@@ -194,7 +194,7 @@ def decode_advice(tile: int = 0, offload: str = "") -> list[str]:
     if tile:
         advice.append(f"a smaller decode tile (now {tile} latent cells; 16–32 fits small GPUs)")
     else:
-        advice.append("tiled decoding: set a decode tile (e.g. 32 latent cells with 2–4 overlap)")
+        advice.append("tiled decoding: set a decode tile (e.g. 32 latent cells; neighbouring tiles share 4 cells)")
     if offload in ("none", ""):
         advice.append("offload: 'model' (the refiner leaves the GPU before decoding)")
     advice.append("decode on the CPU (slow, but bounded by system memory)")
