@@ -55,13 +55,19 @@ def _write_mp4(pixels: np.ndarray, path: Path, fps: float) -> None:
     pad_h, pad_w = height % 2, width % 2
     if pad_h or pad_w:
         pixels = np.pad(pixels, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = pixels.shape[2], pixels.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12"}
-        for frame in pixels:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        # No MB-tree: with it, identical frames encoded to different streams from run to run in one process (x264's
+        # MB-tree pass reads memory whose contents vary; MALLOC_PERTURB_ made it repeatable), and a seed must
+        # reproduce the file, not only the pixels. At crf 12 it costs a little size, no visible quality.
+        stream.options = {"crf": "12", "x264-params": "no-mbtree=1"}
+        for index, rgb in enumerate(pixels):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = index, 1 / rate
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
