@@ -3,14 +3,17 @@
 Runs only when ``COMFYUI_DIR`` points at a ComfyUI checkout (0.3.64 / frontend 1.27.10 tested) and selenium, a
 Chromium and its chromedriver are installed (``CHROMIUM`` / ``CHROMEDRIVER`` override where they are; selenium's
 own driver download is never used). Starts ComfyUI like ``test_comfyui_integration.py`` (``tests/_comfyui.py``),
-opens the page, loads ``workflows/grn_tiny_t2v.json`` with ``app.loadGraphData`` (stand-in model files until the
-tiny model ships), queues it with ``app.queuePrompt`` and screenshots the page while the widget shows
-"step i / N" with 0 < i < N (under pytest's tmp dir; also copied to ``$GRN_SCREENSHOT`` when set). After the run:
+opens the page, loads ``workflows/grn_tiny_t2v.json`` with ``app.loadGraphData`` and runs it with the built-in
+``tiny`` model and its built-in text encoder, as shipped but for the step count: ``STEPS`` (the sampler's largest)
+instead of the shipped 50, because the tiny model refines a 32x32 clip in about 20 ms a step on a CPU and the page
+must still be running when it is screenshotted. It queues the workflow with ``app.queuePrompt`` and screenshots the
+page three fifths in, while the widget shows "step i / N" with 0 < i < N (under pytest's tmp dir; also copied to
+``$GRN_SCREENSHOT`` when set: ``GRN_SCREENSHOT=docs/widget_screenshot.png`` refreshes the README's). After the run:
 the step slider scrubs, the frame slider picks latent frames, nothing of the widget is in ``widgets_values`` or the
 API prompt, events for other nodes / a missing node / a stale prompt change nothing, and the browser saw no error
 from our script.
 
-The widget draws on a canvas; the text it draws in its header ("step 7 / 24   64×64, 9 frames ...") is also its
+The widget draws on a canvas; the text it draws in its header ("step 7 / 200   32×32, 9 frames ...") is also its
 ``aria-label``, which is what this test reads.
 """
 
@@ -25,13 +28,13 @@ import time
 
 import pytest
 
-from tests._comfyui import COMFYUI_DIR, comfyui_server, stand_in_inputs
+from tests._comfyui import COMFYUI_DIR, comfyui_server
 from tests._workflows import load
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
 SAMPLER = "GRNRefineSampler"
-STEPS = 24
+STEPS = 200  # the sampler's largest: a run long enough to screenshot mid-way
 WINDOW = (1280, 1300)
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -118,30 +121,22 @@ def _console(driver) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def page(server, browser):
-    """The frontend with the tiny workflow loaded (stand-in files swapped in) and the sampler node in view."""
+    """The frontend with the tiny workflow loaded as shipped (``STEPS`` steps) and the sampler node in view."""
     browser.get(server["base"])
     _wait(browser, "return !!(window.app?.graph && window.app.extensionManager && window.comfyAPI?.api?.api)",
           bool, 120, "the frontend to start")
     assert browser.execute_script("return app.extensions.some((e) => e.name === 'comfyui-grn.refine-widget')"), \
         "our extension was not registered; console: " + json.dumps(_console(browser)[-20:])
-    object_info = json.loads(browser.execute_script(
-        "return fetch('/object_info/GRNLoadModel').then((r) => r.text())"))
     browser.execute_script("return app.loadGraphData(arguments[0])", load("grn_tiny_t2v.json"))
-    stand_ins = stand_in_inputs(object_info)
     browser.execute_script("""
-        const [overrides, sampler, steps] = arguments;
-        for (const node of app.graph._nodes) {
-          for (const [name, value] of Object.entries(overrides[node.comfyClass] ?? {})) {
-            node.widgets.find((w) => w.name === name).value = value;
-          }
-        }
+        const [sampler, steps] = arguments;
         const node = app.graph._nodes.find((n) => n.comfyClass === sampler);
         node.widgets.find((w) => w.name === 'steps').value = steps;
         // zoom 100 %, the sampler node just below the tab bar, so its widget is readable in the screenshot
         app.canvas.ds.scale = 1;
         app.canvas.ds.offset = [-node.pos[0] + 40, -node.pos[1] + 110];
         app.canvas.setDirty(true, true);
-    """, stand_ins, SAMPLER, STEPS)
+    """, SAMPLER, STEPS)
     return browser
 
 
@@ -168,15 +163,23 @@ def run(page, tmp_path_factory):
     before = _serialized_sampler(page)["widgets_values"]
     prompt = page.execute_script("return app.graphToPrompt().then((p) => p.output)")
     page.execute_script("return app.queuePrompt(0, 1)")
-    # two thirds in: by then some tokens have most of their bits kept, so the map has colour
-    mid = _wait(page, STATE, lambda s: (_step(s["label"]) or (0, 0))[0] >= 2 * STEPS // 3 or not s["running"] and
-                s["steps"], 180, "the widget to reach two thirds of the run")
+    # three fifths in (a screenshot lands some steps later): for the tiny model at 200 steps, seed 42, all four
+    # token states (fill, keep, erase, blank) show from about step 125 to 145; by 150 nothing is blank
+    # The tiny model takes ~20 ms a step, so everything from here to ``after_shot`` is kept short: a fine poll, one
+    # screenshot, then the reading (the widget's crop is cut from the screenshot afterwards, not captured again).
+    mid = _wait(page, STATE, lambda s: (_step(s["label"]) or (0, 0))[0] >= 3 * STEPS // 5 or not s["running"] and
+                s["steps"], 180, "the widget to reach three fifths of the run", poll=0.03)
     assert mid["running"], f"the run ended before the screenshot could be taken: {mid}"
     shots = tmp_path_factory.mktemp("screenshots")
     screenshot = shots / "widget_mid_run.png"
     page.save_screenshot(str(screenshot))
-    page.execute_script(f"return {VIEW}.root").screenshot(str(shots / "widget_mid_run_crop.png"))
     after_shot = page.execute_script(STATE)
+    box = page.execute_script(f"const r = {VIEW}.root.getBoundingClientRect(); "
+                              "return [r.left, r.top, r.right, r.bottom].map((v) => Math.round(v * devicePixelRatio));")
+    from PIL import Image
+
+    with Image.open(screenshot) as image:
+        image.crop(tuple(box)).save(shots / "widget_mid_run_crop.png")
     if os.environ.get("GRN_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["GRN_SCREENSHOT"])
     end = _wait(page, STATE, lambda s: _step(s["label"]) == (STEPS, STEPS) and not s["running"], 180,
@@ -234,3 +237,13 @@ def test_browser_saw_no_error_from_our_script(page, run):
     assert not errors, "\n\n".join(errors)
     ours = [e for e in _console(page) if re.search(r"grn_refine_widget|ComfyUI-GRN|grn\.refine", e["message"])]
     assert not ours, ours  # includes the frontend's "Unknown message type grn.refine" if our listener were missing
+
+
+def test_the_run_used_the_shipped_tiny_workflow(run):
+    inputs = {n["class_type"]: n["inputs"] for n in run["prompt"].values()}
+    assert inputs["GRNLoadModel"]["refiner"] == "tiny" and inputs["GRNEncodePrompt"]["umt5_file"] == "none"
+    shipped = next(n for n in load("grn_tiny_t2v.json")["nodes"] if n["type"] == SAMPLER)["widgets_values"]
+    sampler = inputs[SAMPLER]
+    size = (sampler["width"], sampler["height"], sampler["frames"])
+    assert size == tuple(shipped[i] for i in (0, 1, 4)) == (32, 32, 9)
+    assert run["end"]["label"].startswith(f"step {STEPS} / {STEPS}   32×32, 9 frames"), run["end"]["label"]

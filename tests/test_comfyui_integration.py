@@ -2,13 +2,12 @@
 
 Starts ``main.py --cpu`` with this repository linked into ``custom_nodes/ComfyUI-GRN`` (``tests/_comfyui.py``; Python:
 ``COMFYUI_PYTHON``, default this interpreter; ComfyUI's requirements and ours must be installed there), then:
-``/object_info`` lists every node; ``workflows/grn_tiny_t2v.json`` converted to an API prompt is queued; one
-``grn.refine`` widget event per step arrives over the websocket; the history names a video file that ``/view``
-serves; a second run is interrupted midway and a third completes.
-
-Until the built-in tiny model ships, the test swaps in the golden refiner/tokenizer and the golden umt5 encoder
-(``tests/_comfyui.py``), placed in a temporary models folder registered through ``--extra-model-paths-config`` —
-which also checks that the pack's ``models/grn`` registration keeps user paths.
+``/object_info`` lists every node, and the loader lists ``tiny`` first with a user's file from an
+``--extra-model-paths-config`` folder beside it (the pack's ``models/grn`` registration keeps user paths);
+``workflows/grn_tiny_t2v.json`` converted to an API prompt runs as shipped — the built-in ``tiny`` model, its
+built-in text encoder, 32x32, 9 frames, the library's t2v defaults — with one ``grn.refine`` widget event per step
+over the websocket; the history names an mp4 that ``/view`` serves, 9 frames of 32x32 showing what the prompt asks
+for; a run with more steps is interrupted midway and the next one completes.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import uuid
 
 import pytest
 
-from tests._comfyui import COMFYUI_DIR, comfyui_server, stand_in_inputs
+from tests._comfyui import COMFYUI_DIR, USER_REFINER, comfyui_server
 from tests._workflows import load, to_api_prompt, widget_names_from_object_info
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the "
@@ -119,15 +118,17 @@ def object_info(server):
     return _get(server, "/object_info")
 
 
-def _tiny_prompt(object_info: dict, seed: int, steps: int) -> dict:
+def _tiny_prompt(object_info: dict, **sampler) -> dict:
+    """``grn_tiny_t2v.json`` as an API prompt; ``sampler`` overrides Refine Sampler inputs (none: as shipped)."""
     prompt = to_api_prompt(load("grn_tiny_t2v.json"), lambda kind: widget_names_from_object_info(object_info[kind]))
-    stand_ins = stand_in_inputs(object_info)
     for node in prompt.values():
-        inputs = node["inputs"]
-        inputs.update(stand_ins.get(node["class_type"], {}))
         if node["class_type"] == "GRNRefineSampler":
-            inputs.update(seed=seed, steps=steps)
+            node["inputs"].update(sampler)
     return prompt
+
+
+def _inputs(prompt: dict, class_type: str) -> dict:
+    return next(n["inputs"] for n in prompt.values() if n["class_type"] == class_type)
 
 
 def _run(server, prompt: dict, interrupt_after: int | None = None) -> tuple[str, list, str]:
@@ -159,7 +160,7 @@ def test_object_info_lists_every_node(object_info, server):
     assert not missing, f"missing {missing}; log: {server['log'].read_text()[-3000:]}"
     assert "IMPORT FAILED" not in [l for l in server["log"].read_text().splitlines() if "ComfyUI-GRN" in l]
     refiners = object_info["GRNLoadModel"]["input"]["required"]["refiner"][1]["options"]
-    assert refiners[0] == "tiny" and "golden_refiner.safetensors" in refiners  # user's extra path kept
+    assert refiners[0] == "tiny" and USER_REFINER in refiners  # user's extra path kept
 
 
 def test_widget_script_is_served(server):
@@ -167,30 +168,63 @@ def test_widget_script_is_served(server):
     assert any(e.endswith("ComfyUI-GRN/grn_refine_widget.js") for e in extensions), extensions
 
 
-def test_tiny_workflow_runs_with_one_event_per_step_and_makes_a_video(server, object_info):
-    prompt_id, events, outcome = _run(server, _tiny_prompt(object_info, seed=1, steps=6))
-    assert outcome == "execution_success", outcome
-    assert [e["step"] for e in events] == list(range(6))
-    assert all(e["prompt_id"] == prompt_id and e["node"] for e in events)
-    assert all(len(json.dumps(e)) <= 64 * 1024 for e in events)
+def _history(server, prompt_id: str) -> dict:
     for _ in range(60):  # the history entry is written just after execution_success is sent
         history = _get(server, f"/history/{prompt_id}").get(prompt_id)
         if history:
-            break
+            return history
         time.sleep(0.5)
-    assert history, f"no history for {prompt_id}"
+    raise AssertionError(f"no history for {prompt_id}")
+
+
+def _frames(data: bytes):
+    """Decode a video file's frames to uint8 ``[T, H, W, 3]`` (PyAV, a requirement of the pack)."""
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_tiny_workflow_runs_as_shipped_with_one_event_per_step_and_makes_the_video(server, object_info):
+    prompt = _tiny_prompt(object_info)  # nothing swapped: the built-in model and text encoder, shipped settings
+    loader, encoder, sampler = (_inputs(prompt, k) for k in ("GRNLoadModel", "GRNEncodePrompt", "GRNRefineSampler"))
+    assert loader["refiner"] == "tiny" and encoder["umt5_file"] == "none" and "clip" not in encoder
+    steps = sampler["steps"]
+    assert (sampler["width"], sampler["height"], sampler["frames"], sampler["adaptive_steps"]) == (32, 32, 9, False)
+
+    prompt_id, events, outcome = _run(server, prompt)
+    assert outcome == "execution_success", f"{outcome}; log: {server['log'].read_text()[-3000:]}"
+    assert [e["step"] for e in events] == list(range(steps))
+    assert all(e["total"] == e["planned"] == steps for e in events)
+    assert all(e["prompt_id"] == prompt_id and e["node"] for e in events)
+    assert all(len(json.dumps(e)) <= 64 * 1024 for e in events)
+    assert all(e["size"] == [32, 32, 9] and e["map"] and e["preview"] for e in events)
+    assert events[-1]["counts"]["blank"] < events[0]["counts"]["blank"]
+
+    history = _history(server, prompt_id)
     files = [f for out in history["outputs"].values() for f in out.get("images", []) + out.get("videos", [])
              if str(f.get("filename", "")).endswith((".mp4", ".webm", ".webp"))]
     assert files, history["outputs"]
     query = urllib.parse.urlencode({k: files[0][k] for k in ("filename", "subfolder", "type")})
     with urllib.request.urlopen(f"{server['base']}/view?{query}", timeout=60) as r:
-        assert r.status == 200 and len(r.read()) > 100
+        assert r.status == 200
+        video = r.read()
+    frames = _frames(video)
+    assert frames.shape == (9, 32, 32, 3), frames.shape
+    from grn_core.data.judge import judge
+
+    verdict = judge(frames)
+    hits = verdict.matches(encoder["prompt"])
+    assert hits["color"] and hits["direction"], (encoder["prompt"], verdict.caption)
 
 
 def test_interrupt_midway_then_a_full_run(server, object_info):
-    _, events, outcome = _run(server, _tiny_prompt(object_info, seed=2, steps=40), interrupt_after=3)
+    _, events, outcome = _run(server, _tiny_prompt(object_info, seed=2, steps=200), interrupt_after=3)
     assert outcome == "execution_interrupted", outcome
-    assert 3 <= len(events) < 40
+    assert 3 <= len(events) < 200
     _, events, outcome = _run(server, _tiny_prompt(object_info, seed=3, steps=5))
     assert outcome == "execution_success", outcome
-    assert len(events) == 5
+    assert [e["step"] for e in events] == list(range(5))

@@ -9,9 +9,20 @@ schemas, so a changed node fails the tests until this script is re-run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "workflows"
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make the library importable
+    sys.path.insert(0, str(ROOT))
+
+from grn_core.sampler import SamplerSettings  # noqa: E402
+
+OUT = ROOT / "workflows"
+# The tiny model's native size (its ``grn.defaults`` metadata: 32x32, 9 frames) and the library's t2v defaults,
+# imported so the shipped workflow follows them.
+TINY_SIZE = dict(width=32, height=32, frames=9)
+T2V_DEFAULTS = SamplerSettings.for_task("t2v")
 
 # Widget names of our nodes, in schema order (required inputs first, then optional ones).
 GRN_WIDGETS = {
@@ -147,8 +158,9 @@ def tiny_t2v() -> Graph:
     load = g.add("GRNLoadModel", (40, 60), loader("tiny"))
     enc = g.add("GRNEncodePrompt", (40, 240), prompt_node("a red circle moving right", "t2v"))
     g.link(load, 0, enc, "model")
-    sampler = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", width=64, height=64, frames=9,
-                                                      steps=12, guidance=3.0))
+    sampler = g.add("GRNRefineSampler", (480, 60), grn(
+        "GRNRefineSampler", **TINY_SIZE, steps=T2V_DEFAULTS.steps, adaptive_steps=False,
+        guidance=T2V_DEFAULTS.guidance, temperature=T2V_DEFAULTS.temperature))
     g.link(load, 0, sampler, "model")
     g.link(enc, 0, sampler, "conditioning")
     video_tail(g, load, sampler, 940, "grn/tiny_t2v")
