@@ -24,6 +24,12 @@ def _generate(args: argparse.Namespace) -> int:
     return generate_module.run_cli(args)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibration import run_calibrate_cli
+
+    return run_calibrate_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grn_core", description="GRN: generative refinement networks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         generate = commands.add_parser("generate", help="prompt → image or video")
         add_generate_arguments(generate)
         generate.set_defaults(run=_generate)
+        calibrate = commands.add_parser("calibrate", help="fit the adaptive-step rule (k, b) on a prompt list")
+        from .calibration import add_calibrate_arguments
+
+        add_calibrate_arguments(calibrate)
+        calibrate.set_defaults(run=_calibrate)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["convert"]:

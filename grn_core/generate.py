@@ -21,9 +21,8 @@ STATE_COLOURS = {FILL: (220, 120, 117), KEEP: (88, 160, 227), ERASE: (240, 180, 
 DEFAULT_SIZES = {"t2i": (1024, 1024, 1), "t2v": (848, 480, 33), "i2v": (848, 480, 33), "c2i": (256, 256, 1)}
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default=None, help="what to generate (text-conditioned models)")
-    parser.add_argument("--negative", default="", help="negative prompt (default: empty, as the official code)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model to load and where to run it (shared by ``generate`` and ``calibrate``)."""
     parser.add_argument("--model", default="tiny",
                         help=f"a refiner file, or one of: {', '.join(MODEL_CHOICES)} (default: tiny)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (with --model PATH)")
@@ -32,10 +31,23 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="folder of released files (default models/grn)")
     parser.add_argument("--download", action="store_true", help="fetch missing released files from Hugging Face")
     parser.add_argument("--task", choices=["t2i", "t2v", "i2v", "c2i"], default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default, bf16, fp16, fp32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: 1 for the tiny model, whose small matrices only lose time "
+                             "synchronising threads; torch's default otherwise)")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", default=None, help="what to generate (text-conditioned models)")
+    parser.add_argument("--negative", default="", help="negative prompt (default: empty, as the official code)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="steps (the largest count when adaptive)")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
-                        help="entropy-guided adaptive steps (default: on where calibrated)")
+                        help="entropy-guided adaptive steps (default: on where the family rule is calibrated: C2I)")
+    parser.add_argument("--adaptive-rule", type=Path, default=None,
+                        help="JSON file from `python -m grn_core calibrate --out` (implies --adaptive)")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--frames", type=int, default=None, help="1 + 4k frames; 1 makes an image")
@@ -47,11 +59,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--preview-dir", type=Path, default=None,
                         help="write the token-state map and RGB preview of every step as PNGs")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default, bf16, fp16, fp32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: 1 for the tiny model, whose small matrices only lose time "
-                             "synchronising threads; torch's default otherwise)")
 
 
 class ProgressLine:
@@ -97,21 +104,38 @@ def _preview_image(preview: torch.Tensor, scale: int = 4):
 
 
 def _settings(args: argparse.Namespace, task: str, model_rule: Optional[AdaptiveSteps] = None):
-    """Sampler settings from the flags. ``--adaptive`` uses the model's own calibrated rule when it has one, else the
-    family's; without the flag adaptive steps are on only where the family's rule is calibrated (C2I). The tiny
-    model's rule saves 20 % of the passes at 4 points of shape accuracy (BENCHMARKS.md), so it is not the default."""
+    """Sampler settings from the flags. ``--adaptive-rule FILE`` uses a rule written by ``calibrate``; ``--adaptive``
+    uses the model's own calibrated rule when it has one, else the family's; without either flag adaptive steps are
+    on where the family's rule is calibrated (C2I)."""
     overrides = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance),
                                    ("temperature", args.temperature)) if v is not None}
     if task == "c2i":
+        if getattr(args, "adaptive_rule", None) is not None:
+            raise ValueError("--adaptive-rule is for text-conditioned models; class-to-image uses the official "
+                             "complexity-aware rule (--adaptive) or fixed steps (--no-adaptive).")
         base = C2ISettings.official_adaptive() if args.adaptive is not False else C2ISettings()
         return C2ISettings(**{**base.to_dict(), **overrides})
-    rule = model_rule if model_rule is not None and model_rule.calibrated else ADAPTIVE_DEFAULTS[task]
-    adaptive = args.adaptive if args.adaptive is not None else ADAPTIVE_DEFAULTS[task].calibrated
     settings = SamplerSettings.for_task(task, **overrides)
+    if getattr(args, "adaptive_rule", None) is not None:
+        if args.adaptive is False:
+            raise ValueError("--adaptive-rule with --no-adaptive: drop one of the two.")
+        from .calibration import read_rule
+
+        return settings.replace(adaptive=read_rule(args.adaptive_rule)).validate()
+    own = model_rule is not None and model_rule.calibrated
+    rule = model_rule if own else ADAPTIVE_DEFAULTS[task]
+    adaptive = args.adaptive if args.adaptive is not None else ADAPTIVE_DEFAULTS[task].calibrated
     return settings.replace(adaptive=rule) if adaptive else settings
 
 
-def _load(args: argparse.Namespace):
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.model == "tiny" and args.device == "cpu":
+        torch.set_num_threads(1)
+
+
+def load_from_args(args: argparse.Namespace):
     from .checkpoints import load_umt5
     from .pipeline import load_model
     from .text import UMT5PromptEncoder
@@ -147,11 +171,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from .pipeline import GenerationRequest, decode_tokens, encode_prompt, generate_class_tokens, generate_tokens
 
     started = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.model == "tiny" and args.device == "cpu":
-        torch.set_num_threads(1)
-    model, encoder, default_task = _load(args)
+    set_threads(args)
+    model, encoder, default_task = load_from_args(args)
     task = args.task or default_task
     defaults = model.defaults
     width, height, frames = DEFAULT_SIZES[task]

@@ -171,8 +171,11 @@ class GRNRefineSampler(io.ComfyNode):
                                  tooltip="Entropy-guided step count: after warm-up, D = k*H + b more steps."),
                 io.Int.Input("min_steps", default=20, min=2, max=200),
                 io.Int.Input("warmup", default=5, min=0, max=50),
-                io.Float.Input("adaptive_k", default=90.0, min=-10000.0, max=10000.0, step=1.0),
-                io.Float.Input("adaptive_b", default=0.0, min=-10000.0, max=10000.0, step=1.0),
+                io.Float.Input("adaptive_k", default=90.0, min=-10000.0, max=10000.0, step=1.0,
+                               tooltip="Steps per unit of entropy. Fit k and b for your model and prompts with "
+                                       "`python -m grn_core calibrate` (the tiny model's own rule is in its file)."),
+                io.Float.Input("adaptive_b", default=0.0, min=-10000.0, max=10000.0, step=1.0,
+                               tooltip="Offset of the rule D = k*H + b (see adaptive_k)."),
                 io.Float.Input("guidance", default=3.0, min=0.0, max=20.0, step=0.05),
                 io.Float.Input("guidance_interval", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Guide only once the kept fraction reaches this value (0 = every step)."),
@@ -256,8 +259,9 @@ class GRNDecodeVideo(io.ComfyNode):
                 GRN_MODEL.Input("model"),
                 GRN_TOKENS.Input("tokens"),
                 io.Int.Input("tile", default=0, min=0, max=256, step=8,
-                             tooltip="Decode in spatial tiles of this many latent cells (0 = whole frames); "
-                                     "16-32 fits small GPUs."),
+                             tooltip="Decode in spatial tiles of this many latent cells, 4 cells blended at each seam. "
+                                     "0 = automatic: whole frames when the free GPU memory allows, else the "
+                                     "largest tile that fits. 16-32 fits small GPUs."),
             ],
             outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps")],
         )

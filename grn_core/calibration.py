@@ -1,0 +1,348 @@
+"""Calibrating entropy-guided adaptive steps for any text-conditioned GRN: fit ``k`` and ``b`` on a prompt list.
+
+    python -m grn_core calibrate --model tiny                               # the shapes captions, judged
+    python -m grn_core calibrate --model t2v-2b --prompts prompts.txt --width 848 --height 480 --frames 33 \\
+        --seeds 0 1 --out t2v_rule.json                                       # any model: likelihood score
+    python -m grn_core generate --model t2v-2b --prompt "..." --adaptive --adaptive-rule t2v_rule.json
+
+The adaptive sampler decides, after ``warmup`` steps, ``D = round(clip(k*H + b, min_steps - W, steps - W))``
+remaining steps from the mean bit entropy ``H`` of the conditional prediction at that step. To fit (k, b):
+
+1. every prompt x seed runs once per remaining-step count ``D`` of a ladder, all other randomness equal: the first
+   ``W`` steps, and so ``H``, are identical on every rung (the rung only changes what happens after the decision);
+2. every result gets a score, higher is better (``Scorer``): the shapes *judge* (colour, shape and direction all
+   right: 1, else 0) for the built-in tiny model, or the *likelihood* for any model: the mean log-probability
+   that the model's own conditional prediction, shown the finished sample at the schedule's end, gives that
+   sample's bits (how settled the sample is by the model's standard; no external judge or download needed);
+3. the samples are split into ``bins`` groups of equal size by ``H``; a group *needs* the smallest ``D`` whose mean
+   score is close enough to its best rung's: within ``tolerance`` (absolute, for the judge's accuracy) or keeping
+   ``1 - tolerance`` of the gain from the worst rung to the best (relative, for likelihoods whose scale is the
+   model's). Single samples are too noisy to say how many steps they need: after the decision every rung draws
+   different bits;
+4. ``D_needed ~ k*H + b`` is fitted through the groups by least squares with ``k >= 0`` (harder content never gets
+   fewer steps), then ``b`` is raised until the line covers every group's need (too few steps cost quality, too
+   many only time: the rule is an upper envelope).
+
+The fit is printed as JSON (the rule, per-group needs and scores) and can be written to a file that
+``generate --adaptive-rule`` reads; the nodes take the same ``k`` and ``b`` as numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .pipeline import GRNModel, decode_tokens, encode_prompt
+from .sampler import AdaptiveSteps, SamplerSettings, sample_bits
+
+__all__ = ["D_LADDER", "CalibrationRun", "Scorer", "calibrate", "fit_rule", "judge_scorer", "ladder_settings",
+           "likelihood_scorer", "mean_steps", "read_rule", "run_ladder"]
+
+D_LADDER = (5, 10, 15, 25, 45)
+WARMUP = 5
+MIN_STEPS = 10
+BINS = 4
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Per-sample quality of a finished batch, higher is better.
+
+    ``score(model, prompts, result)`` gets the prompts of the batch and the :class:`SamplingResult` and returns one
+    float per sample. ``tolerance`` is in score units when ``relative`` is False, else a fraction of the gain.
+    """
+
+    name: str
+    score: Callable[[GRNModel, Sequence[str], object, "CalibrationInputs"], list[float]]
+    tolerance: float
+    relative: bool
+
+
+@dataclass(frozen=True)
+class CalibrationInputs:
+    """What a scorer may need besides the result: the conditional features and the request's shape."""
+
+    cond: list[torch.Tensor]
+    aspect_ratio: float
+    cap: float
+
+
+def _judge_score(model: GRNModel, prompts: Sequence[str], result, inputs: CalibrationInputs) -> list[float]:
+    from .data.judge import judge
+
+    frames = decode_tokens(model, result.bits)  # [B, T, H, W, 3] in [0, 1]
+    scores = []
+    for video, prompt in zip(frames, prompts):
+        verdict = judge(video.permute(3, 0, 1, 2) * 2 - 1).matches(prompt)
+        scores.append(float(verdict["all"]))
+    return scores
+
+
+def _likelihood_score(model: GRNModel, prompts: Sequence[str], result, inputs: CalibrationInputs) -> list[float]:
+    bits = result.bits
+    with torch.inference_mode():
+        cond, _ = model.refiner.step_logits(bits, inputs.cap, inputs.cond, None, aspect_ratio=inputs.aspect_ratio)
+    logp = torch.log_softmax(cond.float(), dim=-1)  # [B, t, h, w, bits, 2]
+    labels = bits.permute(0, 2, 3, 4, 1).long().to(logp.device)  # [B, t, h, w, bits]
+    picked = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return [float(v) for v in picked.flatten(1).mean(1)]
+
+
+judge_scorer = Scorer("judge", _judge_score, tolerance=0.05, relative=False)
+likelihood_scorer = Scorer("likelihood", _likelihood_score, tolerance=0.1, relative=True)
+
+
+def ladder_settings(base: SamplerSettings, remaining: int, warmup: int = WARMUP) -> SamplerSettings:
+    """Adaptive settings that always decide ``remaining`` steps after the warm-up (k = 0, b = remaining)."""
+    rule = AdaptiveSteps(warmup=warmup, k=0.0, b=float(remaining), min_steps=warmup + 1, calibrated=False)
+    return dataclasses.replace(base, adaptive=rule)
+
+
+@dataclass
+class CalibrationRun:
+    """Measurements of a ladder run: decision entropy per sample and the score per rung and sample."""
+
+    entropy: list[float]
+    scores: dict[int, list[float]]
+    prompts: list[str]
+    seeds: list[int]
+    seconds: float
+
+
+def run_ladder(model: GRNModel, prompts: Sequence[str], seeds: Sequence[int], *, width: int, height: int,
+               frames: int, task: str = "t2v", scorer: Scorer = likelihood_scorer,
+               base: Optional[SamplerSettings] = None, ladder: Sequence[int] = D_LADDER, warmup: int = WARMUP,
+               text_encoder=None, batch_size: int = 8,
+               progress: Optional[Callable[[int, int], None]] = None) -> CalibrationRun:
+    """Generate every prompt x seed on every rung of ``ladder`` and score the results."""
+    if not prompts:
+        raise ValueError("calibration needs prompts: pass a list (or a file with one prompt per line).")
+    if not seeds:
+        raise ValueError("calibration needs at least one seed.")
+    base = base or SamplerSettings.for_task(task)
+    if max(ladder) + warmup > base.steps:
+        raise ValueError(f"the ladder reaches {warmup} + {max(ladder)} steps but steps={base.steps}; raise steps or "
+                         f"shorten the ladder.")
+    started = time.perf_counter()
+    guided = base.guidance != 1.0
+    feats = [encode_prompt(model, text_encoder, p, task=task, need_uncond=guided) for p in prompts]
+    sf, tf = model.spatial_factor, model.temporal_factor
+    if width % sf or height % sf or (frames - 1) % tf:
+        raise ValueError(f"calibration size {width}x{height}x{frames}: sides must be multiples of {sf} and frames "
+                         f"1 + {tf}k for this tokenizer.")
+    grid = (1 + (frames - 1) // tf, height // sf, width // sf)
+    cap = base.cap if base.cap is not None else (0.95 if model.layout == "joint" else 0.999)
+    aspect = height / width
+    scores: dict[int, list[float]] = {d: [] for d in ladder}
+    entropy: list[float] = []
+    chunks = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    total, done = len(ladder) * len(seeds) * len(chunks), 0
+    for seed in seeds:
+        for chunk in chunks:
+            cond = [feats[i].cond for i in chunk]
+            uncond = feats[chunk[0]].uncond if guided else None
+            inputs = CalibrationInputs(cond, aspect, cap)
+            for rung, remaining in enumerate(ladder):
+                # Sample k of a batch uses seed + k: prompt i of seed s gets the stream s * len(prompts) + i.
+                with model.stage(model.refiner), torch.inference_mode():
+                    result = sample_bits(model.refiner, cond, uncond, grid=grid, batch_size=len(chunk),
+                                         seed=seed * len(prompts) + chunk[0],
+                                         settings=ladder_settings(base, remaining, warmup), aspect_ratio=aspect)
+                with model.stage(model.refiner):
+                    scores[remaining] += scorer.score(model, [prompts[i] for i in chunk], result, inputs)
+                decided = [float(h) for h in result.decision_entropy]
+                if rung == 0:
+                    entropy += decided
+                    first = decided
+                elif max(abs(a - b) for a, b in zip(first, decided)) > 1e-4:
+                    # The rungs must share their warm-up; otherwise H would not describe the samples compared.
+                    raise RuntimeError(f"the warm-up of rung D={remaining} diverged from rung D={ladder[0]} "
+                                       f"(decision entropies {decided} vs {first}); the sampler is not seeded "
+                                       f"deterministically on this device.")
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return CalibrationRun(entropy, scores, list(prompts), list(seeds), round(time.perf_counter() - started, 1))
+
+
+def fit_rule(entropy: Sequence[float], scores: dict[int, Sequence[float]], bins: int = BINS,
+             tolerance: float = 0.05, relative: bool = False) -> tuple[float, float, dict]:
+    """(k, b) from per-sample decision entropies and per-rung scores (see the module docstring)."""
+    if not entropy or any(len(v) != len(entropy) for v in scores.values()):
+        raise ValueError("fit_rule needs one score per sample on every rung, and at least one sample.")
+    h = torch.tensor(entropy, dtype=torch.float64)
+    order = torch.argsort(h)
+    groups = [g for g in torch.tensor_split(order, min(bins, len(order))) if len(g)]
+    centers, needs, table = [], [], []
+    for group in groups:
+        rows = group.tolist()
+        mean = {d: sum(float(scores[d][i]) for i in rows) / len(rows) for d in sorted(scores)}
+        best, worst = max(mean.values()), min(mean.values())
+        floor = best - tolerance * (best - worst) if relative else best - tolerance
+        need = min(d for d, s in mean.items() if s >= floor)
+        centers.append(float(h[group].mean()))
+        needs.append(float(need))
+        table.append({"entropy_mean": round(centers[-1], 5), "samples": len(rows), "needs": need,
+                      "score": {str(d): round(s, 4) for d, s in mean.items()}})
+    x = torch.tensor(centers, dtype=torch.float64)
+    y = torch.tensor(needs, dtype=torch.float64)
+    k = 0.0
+    if len(x) >= 2 and float(x.max() - x.min()) > 1e-9:
+        xc = x - x.mean()
+        k = max(0.0, float((xc * (y - y.mean())).sum() / xc.square().sum()))
+    b = float(y.mean()) - k * float(x.mean())
+    b = b + max(0.0, float((y - (k * x + b)).max()))  # cover every group's need
+    return k, b, {"groups": table, "tolerance": tolerance, "relative": relative}
+
+
+def mean_steps(rule: AdaptiveSteps, entropies: Sequence[float], max_steps: int = 50) -> float:
+    """Mean total steps the rule takes for these decision entropies."""
+    lo, hi = rule.min_steps - rule.warmup, max_steps - rule.warmup
+    total = sum(rule.warmup + int(round(min(max(rule.k * h + rule.b, lo), hi))) for h in entropies)
+    return total / max(1, len(entropies))
+
+
+def calibrate(run: CalibrationRun, scorer: Scorer, warmup: int = WARMUP, min_steps: int = MIN_STEPS,
+              max_steps: int = 50, bins: int = BINS, tolerance: Optional[float] = None) -> dict:
+    """Fit the rule to a ladder run; returns the rule (as ``AdaptiveSteps`` fields) and the measurements."""
+    tol = scorer.tolerance if tolerance is None else tolerance
+    k, b, stats = fit_rule(run.entropy, run.scores, bins, tol, scorer.relative)
+    rule = AdaptiveSteps(warmup=warmup, k=round(k, 2), b=round(b, 2), min_steps=min_steps, calibrated=True)
+    return {
+        "rule": dataclasses.asdict(rule),
+        "scorer": scorer.name,
+        "fit": stats,
+        "ladder": sorted(run.scores),
+        "score_by_remaining": {str(d): round(sum(v) / len(v), 4) for d, v in sorted(run.scores.items())},
+        "samples": len(run.entropy),
+        "prompts": len(run.prompts),
+        "seeds": run.seeds,
+        "entropy_range": [round(min(run.entropy), 4), round(max(run.entropy), 4)],
+        "mean_total_steps": round(mean_steps(rule, run.entropy, max_steps), 2),
+        "seconds": run.seconds,
+    }
+
+
+def read_rule(path: str | Path) -> AdaptiveSteps:
+    """The rule from a file written by ``calibrate --out`` (the whole report, or just its ``rule``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--adaptive-rule {path}: not a readable JSON file ({error}); write one with "
+                         f"`python -m grn_core calibrate --out {path.name}`.") from error
+    data = data.get("rule", data) if isinstance(data, dict) else data
+    fields = {f.name for f in dataclasses.fields(AdaptiveSteps)}
+    if not isinstance(data, dict) or not {"warmup", "k", "b", "min_steps"} <= set(data) or set(data) - fields:
+        raise ValueError(f"--adaptive-rule {path}: expected a JSON object with warmup, k, b and min_steps (as "
+                         f"`python -m grn_core calibrate --out` writes), got {str(data)[:120]}.")
+    return AdaptiveSteps(**data)
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def add_calibrate_arguments(parser) -> None:
+    from .generate import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="text file, one prompt per line (default for tiny: the 72 shapes captions)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--scorer", choices=["auto", "judge", "likelihood"], default="auto",
+                        help="judge: the shapes judge (shapes captions only); likelihood: any model and prompts "
+                             "(auto: judge for the tiny model with shapes captions, else likelihood)")
+    parser.add_argument("--steps", type=int, default=50, help="the largest step count (schedule length)")
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
+    parser.add_argument("--min-steps", type=int, default=MIN_STEPS)
+    parser.add_argument("--bins", type=int, default=BINS, help="entropy groups the need is measured in")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="score loss a group may take (judge: accuracy, default 0.05; likelihood: fraction of "
+                             "the gain from the shortest to the best rung, default 0.1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="write the report (rule + fit) as JSON here")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ValueError(f"--prompts {path}: cannot read it ({error.strerror}); give a text file with one prompt "
+                         f"per line.") from error
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts; write one prompt per line.")
+    return prompts
+
+
+def _is_shapes_caption(prompt: str) -> bool:
+    from .data.shapes import parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def run_calibrate_cli(args) -> int:
+    import sys
+
+    from .data.shapes import video_captions
+    from .generate import DEFAULT_SIZES, load_from_args, set_threads
+
+    set_threads(args)
+    model, encoder, default_task = load_from_args(args)
+    task = args.task or default_task
+    if task not in ("t2i", "t2v"):
+        raise ValueError(f"calibrate fits text-to-image/video models; {task} is not one (C2I ships the official rule, "
+                         f"I2V can use its T2V sibling's rule).")
+    shapes = args.prompts is None
+    if shapes and args.model != "tiny":
+        raise ValueError("--prompts FILE is needed for this model (one prompt per line, ideally 50+ of the kind "
+                         "you generate).")
+    prompts = video_captions() if shapes else _read_prompts(args.prompts)
+    readable = [_is_shapes_caption(p) for p in prompts]
+    if args.scorer == "auto":
+        scorer_name = "judge" if args.model == "tiny" and all(readable) else "likelihood"
+    else:
+        scorer_name = args.scorer
+    if scorer_name == "judge" and not all(readable):
+        bad = prompts[readable.index(False)]
+        raise ValueError(f"--scorer judge reads only captions of the shapes grammar ('a red circle moving right'); "
+                         f"{bad!r} is not one. Use --scorer likelihood for other prompts.")
+    scorer = judge_scorer if scorer_name == "judge" else likelihood_scorer
+    width, height, frames = DEFAULT_SIZES[task]
+    defaults = model.defaults
+    width = args.width or defaults.get("width", width)
+    height = args.height or defaults.get("height", height)
+    frames = args.frames or (defaults.get("frames", frames) if task == "t2v" else 1)
+    overrides = {k: v for k, v in (("guidance", args.guidance), ("temperature", args.temperature)) if v is not None}
+    base = SamplerSettings.for_task(task, steps=args.steps, **overrides)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rcalibrating: {done}/{total} batches", end="", file=sys.stderr, flush=True)
+
+    run = run_ladder(model, prompts, args.seeds, width=width, height=height, frames=frames, task=task, scorer=scorer,
+                     base=base, warmup=args.warmup, text_encoder=encoder, batch_size=args.batch_size,
+                     progress=progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    report = calibrate(run, scorer, warmup=args.warmup, min_steps=args.min_steps, max_steps=args.steps,
+                       bins=args.bins, tolerance=args.tolerance)
+    report.update({"model": args.model, "task": task, "size": [width, height, frames],
+                   "settings": base.to_dict()})
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
