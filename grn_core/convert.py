@@ -18,7 +18,6 @@ import torch
 from .checkpoint_files import CheckpointError, read_checkpoint
 from .checkpoints import (
     FP8_DTYPES,
-    KINDS,
     _check_keys,
     _kind_of,
     _layout_for,

@@ -1,7 +1,6 @@
 """``python -m grn_core``: generate writes a file and a sidecar; inspect and errors speak plainly."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
