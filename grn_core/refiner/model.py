@@ -363,7 +363,8 @@ class GRNRefiner(nn.Module):
         return qk[:, :nq], qk[:, nq:], qkv[:, bounds[2]:].view(n, nkv, hd)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q [n, L, H, D]``, ``k/v [n, S, Hkv, D]`` -> ``[n*L, H*D]``; softmax scale ``head_dim ** -0.5``.
+        """``q [n, L, H, D]``, ``k/v [n, S, Hkv, D]`` -> ``[n, L, H, D]`` (may be a strided view); softmax scale
+        ``head_dim ** -0.5``.
 
         Runs on the attention backend chosen by :meth:`set_attention` (resolved once per device and dtype).
         """
@@ -373,7 +374,7 @@ class GRNRefiner(nn.Module):
         if backend is None:
             backend = resolve_backend(self._attention, q.device, q.dtype, cfg.head_dim)
             self._attention_resolved[key] = backend
-        return attend(q, k, v, backend).reshape(-1, cfg.heads * cfg.head_dim)
+        return attend(q, k, v, backend)
 
     def _block(
         self,
@@ -385,7 +386,6 @@ class GRNRefiner(nn.Module):
         contexts: Sequence[TextContext] = (),
     ) -> torch.Tensor:
         """One block on the packed tokens ``x [N, width]``; attention within each run's sequences."""
-        cfg = self.config
         q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
         attn = self._attend(q, k, v, runs, layer, contexts)
         # Release attention's tensors before the MLP, whose hidden activations are the block's largest: the q/k/v
@@ -400,7 +400,9 @@ class GRNRefiner(nn.Module):
                 contexts: Sequence[TextContext]) -> torch.Tensor:
         """Attention of the packed ``q, k, v [N, heads, head_dim]`` within each run's sequences -> ``[N, ...]``."""
         cfg = self.config
-        outs = []
+        # Each run's output is copied once, straight into its rows (the backend's [n, L, H, D] view is strided, so
+        # one copy is needed anyway; a per-run reshape and a concatenation would make two).
+        out = torch.empty(q.shape[0], cfg.heads * cfg.head_dim, dtype=q.dtype, device=q.device)
         for run in runs:
             rows = slice(run.start, run.start + run.count * run.length)
             q_r = q[rows].view(run.count, run.length, cfg.heads, cfg.head_dim)
@@ -410,8 +412,8 @@ class GRNRefiner(nn.Module):
                 ctx = contexts[run.branch]
                 k_t, v_t = self._text_kv(ctx, layer, run)
                 k_r, v_r = torch.cat([k_t, k_r], dim=1), torch.cat([v_t, v_r], dim=1)
-            outs.append(self._sdpa(q_r, k_r, v_r))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            out[rows].view(run.count, run.length, cfg.heads, cfg.head_dim).copy_(self._sdpa(q_r, k_r, v_r))
+        return out
 
     @staticmethod
     def _text_kv(ctx: TextContext, layer: int, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -621,11 +623,7 @@ class GRNRefiner(nn.Module):
                 values.append(v.contiguous())
                 if layer == cfg.depth - 1:
                     break  # the last layer's output is never read: only its K/V are needed
-                outs = []
-                for run in runs:
-                    rows = slice(run.start, run.start + run.count * run.length)
-                    outs.append(self._sdpa(*(z[rows].unflatten(0, (run.count, run.length)) for z in (q, k, v))))
-                attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+                attn = self._attend(q, k, v, runs, layer, ())
                 x = _linear(attn, block.attn.o_proj, residual=x)
                 x = block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
         return TextContext("prefix", lengths, keys=tuple(keys), values=tuple(values))
