@@ -18,10 +18,17 @@ remaining steps from the mean bit entropy ``H`` of the conditional prediction at
    score is close enough to its best rung's: within ``tolerance`` (absolute, for the judge's accuracy) or keeping
    ``1 - tolerance`` of the gain from the worst rung to the best (relative, for likelihoods whose scale is the
    model's). Single samples are too noisy to say how many steps they need: after the decision every rung draws
-   different bits;
+   different bits. For a 0/1 score even group means are noisy (one standard error is ~5 points at 60 samples), and
+   the best of five noisy rungs is best partly by luck: with ``noise_z > 0`` a rung is also close enough when its
+   shortfall is within ``noise_z`` standard errors of its paired per-sample difference to the best rung (the judge
+   uses 1), so that the fit follows the quality/step curve rather than the luck of one rung;
 4. ``D_needed ~ k*H + b`` is fitted through the groups by least squares with ``k >= 0`` (harder content never gets
    fewer steps), then ``b`` is raised until the line covers every group's need (too few steps cost quality, too
-   many only time: the rule is an upper envelope).
+   many only time: the rule is an upper envelope);
+5. with an ``overall_tolerance`` (the judge: 0.02), the whole prompt set is the last check: every sample is scored
+   at the largest rung not above the rule's ``D`` for it (what the ladder measured, erring low), and ``b`` is
+   raised until that mean is within ``overall_tolerance`` of the best rung's mean. Per-group needs find the slope;
+   this bounds what the rule may cost on the prompt set as a whole.
 
 The fit is printed as JSON (the rule, per-group needs and scores) and can be written to a file that
 ``generate --adaptive-rule`` reads; the nodes take the same ``k`` and ``b`` as numbers.
@@ -42,7 +49,7 @@ from .pipeline import GRNModel, decode_tokens, encode_prompt
 from .sampler import AdaptiveSteps, SamplerSettings, sample_bits
 
 __all__ = ["D_LADDER", "CalibrationRun", "Scorer", "calibrate", "fit_rule", "judge_scorer", "ladder_settings",
-           "likelihood_scorer", "mean_steps", "read_rule", "run_ladder"]
+           "likelihood_scorer", "mean_steps", "read_rule", "rule_score", "run_ladder"]
 
 D_LADDER = (5, 10, 15, 25, 45)
 WARMUP = 5
@@ -62,6 +69,8 @@ class Scorer:
     score: Callable[[GRNModel, Sequence[str], object, "CalibrationInputs"], list[float]]
     tolerance: float
     relative: bool
+    noise_z: float = 0.0
+    overall_tolerance: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ def _likelihood_score(model: GRNModel, prompts: Sequence[str], result, inputs: C
     return [float(v) for v in picked.flatten(1).mean(1)]
 
 
-judge_scorer = Scorer("judge", _judge_score, tolerance=0.05, relative=False)
+judge_scorer = Scorer("judge", _judge_score, tolerance=0.05, relative=False, noise_z=1.0,
+                      overall_tolerance=0.02)
 likelihood_scorer = Scorer("likelihood", _likelihood_score, tolerance=0.1, relative=True)
 
 
@@ -171,21 +181,33 @@ def run_ladder(model: GRNModel, prompts: Sequence[str], seeds: Sequence[int], *,
     return CalibrationRun(entropy, scores, list(prompts), list(seeds), round(time.perf_counter() - started, 1))
 
 
+def _paired_standard_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of ``mean(a - b)`` for paired samples (0 for fewer than two)."""
+    diff = a - b
+    return float(diff.std(unbiased=True) / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+
+
 def fit_rule(entropy: Sequence[float], scores: dict[int, Sequence[float]], bins: int = BINS,
-             tolerance: float = 0.05, relative: bool = False) -> tuple[float, float, dict]:
+             tolerance: float = 0.05, relative: bool = False, noise_z: float = 0.0) -> tuple[float, float, dict]:
     """(k, b) from per-sample decision entropies and per-rung scores (see the module docstring)."""
     if not entropy or any(len(v) != len(entropy) for v in scores.values()):
         raise ValueError("fit_rule needs one score per sample on every rung, and at least one sample.")
+    if noise_z < 0:
+        raise ValueError(f"noise_z={noise_z}: use 0 (no noise allowance) or a positive number of standard errors.")
     h = torch.tensor(entropy, dtype=torch.float64)
+    table_scores = {d: torch.tensor([float(v) for v in scores[d]], dtype=torch.float64) for d in sorted(scores)}
     order = torch.argsort(h)
     groups = [g for g in torch.tensor_split(order, min(bins, len(order))) if len(g)]
     centers, needs, table = [], [], []
     for group in groups:
         rows = group.tolist()
-        mean = {d: sum(float(scores[d][i]) for i in rows) / len(rows) for d in sorted(scores)}
-        best, worst = max(mean.values()), min(mean.values())
+        per_rung = {d: table_scores[d][group] for d in table_scores}
+        mean = {d: float(v.mean()) for d, v in per_rung.items()}
+        best_rung = max(mean, key=lambda d: (mean[d], d))
+        best, worst = mean[best_rung], min(mean.values())
         floor = best - tolerance * (best - worst) if relative else best - tolerance
-        need = min(d for d, s in mean.items() if s >= floor)
+        need = min(d for d, s in mean.items()
+                   if s >= floor - noise_z * _paired_standard_error(per_rung[d], per_rung[best_rung]))
         centers.append(float(h[group].mean()))
         needs.append(float(need))
         table.append({"entropy_mean": round(centers[-1], 5), "samples": len(rows), "needs": need,
@@ -198,22 +220,57 @@ def fit_rule(entropy: Sequence[float], scores: dict[int, Sequence[float]], bins:
         k = max(0.0, float((xc * (y - y.mean())).sum() / xc.square().sum()))
     b = float(y.mean()) - k * float(x.mean())
     b = b + max(0.0, float((y - (k * x + b)).max()))  # cover every group's need
-    return k, b, {"groups": table, "tolerance": tolerance, "relative": relative}
+    return k, b, {"groups": table, "tolerance": tolerance, "relative": relative, "noise_z": noise_z}
+
+
+def _remaining(rule: AdaptiveSteps, entropy: float, max_steps: int) -> int:
+    lo, hi = rule.min_steps - rule.warmup, max_steps - rule.warmup
+    return int(round(min(max(rule.k * entropy + rule.b, lo), hi)))
 
 
 def mean_steps(rule: AdaptiveSteps, entropies: Sequence[float], max_steps: int = 50) -> float:
     """Mean total steps the rule takes for these decision entropies."""
-    lo, hi = rule.min_steps - rule.warmup, max_steps - rule.warmup
-    total = sum(rule.warmup + int(round(min(max(rule.k * h + rule.b, lo), hi))) for h in entropies)
+    total = sum(rule.warmup + _remaining(rule, h, max_steps) for h in entropies)
     return total / max(1, len(entropies))
 
 
+def rule_score(rule: AdaptiveSteps, entropy: Sequence[float], scores: dict[int, Sequence[float]],
+               max_steps: int = 50) -> float:
+    """Mean score of the ladder's samples under ``rule``: each at the largest rung not above its ``D`` (the
+    smallest rung when ``D`` is below all of them)."""
+    ladder = sorted(scores)
+    total = 0.0
+    for i, h in enumerate(entropy):
+        d = _remaining(rule, h, max_steps)
+        rung = max((r for r in ladder if r <= d), default=ladder[0])
+        total += float(scores[rung][i])
+    return total / max(1, len(entropy))
+
+
+def _guard_overall(rule: AdaptiveSteps, run: CalibrationRun, tolerance: float, max_steps: int) -> AdaptiveSteps:
+    """Raise ``b`` (in steps of 1) until the rule's prompt-set score is within ``tolerance`` of the best rung's."""
+    best = max(sum(float(v) for v in run.scores[d]) / len(run.entropy) for d in run.scores)
+    top = max_steps - rule.warmup
+    while rule_score(rule, run.entropy, run.scores, max_steps) < best - tolerance - 1e-12:
+        if rule.k * min(run.entropy) + rule.b >= top:
+            break  # every sample already runs the longest schedule
+        rule = dataclasses.replace(rule, b=float(int(rule.b) + 1))
+    return rule
+
+
 def calibrate(run: CalibrationRun, scorer: Scorer, warmup: int = WARMUP, min_steps: int = MIN_STEPS,
-              max_steps: int = 50, bins: int = BINS, tolerance: Optional[float] = None) -> dict:
+              max_steps: int = 50, bins: int = BINS, tolerance: Optional[float] = None,
+              noise_z: Optional[float] = None) -> dict:
     """Fit the rule to a ladder run; returns the rule (as ``AdaptiveSteps`` fields) and the measurements."""
     tol = scorer.tolerance if tolerance is None else tolerance
-    k, b, stats = fit_rule(run.entropy, run.scores, bins, tol, scorer.relative)
+    z = scorer.noise_z if noise_z is None else noise_z
+    k, b, stats = fit_rule(run.entropy, run.scores, bins, tol, scorer.relative, z)
     rule = AdaptiveSteps(warmup=warmup, k=round(k, 2), b=round(b, 2), min_steps=min_steps, calibrated=True)
+    fitted_b = rule.b
+    if scorer.overall_tolerance is not None:
+        rule = _guard_overall(rule, run, scorer.overall_tolerance, max_steps)
+    stats = {**stats, "b_from_groups": fitted_b, "overall_tolerance": scorer.overall_tolerance,
+             "rule_score": round(rule_score(rule, run.entropy, run.scores, max_steps), 4)}
     return {
         "rule": dataclasses.asdict(rule),
         "scorer": scorer.name,
@@ -268,6 +325,9 @@ def add_calibrate_arguments(parser) -> None:
     parser.add_argument("--tolerance", type=float, default=None,
                         help="score loss a group may take (judge: accuracy, default 0.05; likelihood: fraction of "
                              "the gain from the shortest to the best rung, default 0.1)")
+    parser.add_argument("--noise-z", type=float, default=None,
+                        help="also accept a rung whose shortfall is within this many standard errors (judge: "
+                             "default 1; likelihood: default 0)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="write the report (rule + fit) as JSON here")
 
@@ -338,7 +398,7 @@ def run_calibrate_cli(args) -> int:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     report = calibrate(run, scorer, warmup=args.warmup, min_steps=args.min_steps, max_steps=args.steps,
-                       bins=args.bins, tolerance=args.tolerance)
+                       bins=args.bins, tolerance=args.tolerance, noise_z=args.noise_z)
     report.update({"model": args.model, "task": task, "size": [width, height, frames],
                    "settings": base.to_dict()})
     text = json.dumps(report, indent=1)

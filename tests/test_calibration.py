@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from grn_core.__main__ import main
-from grn_core.calibration import (CalibrationRun, calibrate, fit_rule, judge_scorer, likelihood_scorer, read_rule,
-                                  run_ladder)
+from grn_core.calibration import (CalibrationRun, Scorer, calibrate, fit_rule, judge_scorer, likelihood_scorer,
+                                  read_rule, rule_score, run_ladder)
 from grn_core.models import load_tiny, tiny_available
-from grn_core.sampler import SamplerSettings
+from grn_core.sampler import AdaptiveSteps, SamplerSettings
 
 needs_tiny = pytest.mark.skipif(not tiny_available(), reason="the built-in tiny model is not in this checkout")
 
@@ -46,6 +46,41 @@ def test_relative_tolerance_is_a_fraction_of_the_gain():
     _, b, stats = fit_rule(entropy, scores, bins=1, tolerance=0.1, relative=True)
     assert stats["groups"][0]["needs"] == 25  # 10 keeps 80 % of the gain, 25 keeps 98 %
     assert math.isclose(b, 25)
+
+
+def test_noise_allowance_accepts_shortfalls_within_a_standard_error_only():
+    # One group of 20 samples. Rung 45 is best (0.8); rung 15 is 0.1 below it, with paired differences
+    # (4 x -1, 2 x +1) whose standard error is 0.124: within tolerance 0.05 + 1 SE. Rung 5 is 0.6 below (SE 0.11):
+    # a real loss, never accepted.
+    best = [1] * 16 + [0] * 4
+    fifteen = [0] * 4 + [1] * 12 + [1, 1, 0, 0]
+    five = [0] * 12 + [1] * 4 + [0] * 4
+    entropy = [0.5] * 20
+    scores = {5: five, 15: fifteen, 45: best}
+    assert sum(fifteen) == 14 and sum(five) == 4
+    _, b_strict, strict = fit_rule(entropy, scores, bins=1, tolerance=0.05)
+    _, b_noisy, noisy = fit_rule(entropy, scores, bins=1, tolerance=0.05, noise_z=1.0)
+    assert strict["groups"][0]["needs"] == 45 and b_strict == 45
+    assert noisy["groups"][0]["needs"] == 15 and b_noisy == 15
+    with pytest.raises(ValueError, match="noise_z=-1"):
+        fit_rule(entropy, scores, noise_z=-1)
+
+
+def test_overall_guard_raises_b_until_the_prompt_set_keeps_its_score():
+    # 10 samples at one entropy. A lenient per-group fit (huge noise allowance) accepts rung 5, which costs the
+    # prompt set 0.3 against rung 15/45; the guard (0.02) raises b to 15, the first value whose rung keeps it.
+    entropy = [0.5] * 10
+    scores = {5: [1] * 5 + [0] * 5, 15: [1] * 8 + [0] * 2, 45: [1] * 8 + [0] * 2}
+    run = CalibrationRun(entropy, scores, ["p"] * 10, [0], 0.0)
+    lenient = Scorer("test", lambda *a: [], tolerance=0.05, relative=False, noise_z=100.0)
+    guarded = Scorer("test", lambda *a: [], tolerance=0.05, relative=False, noise_z=100.0, overall_tolerance=0.02)
+    loose = calibrate(run, lenient, warmup=5, min_steps=6, bins=1)
+    tight = calibrate(run, guarded, warmup=5, min_steps=6, bins=1)
+    assert loose["rule"]["b"] == 5 and loose["fit"]["rule_score"] == 0.5
+    assert tight["rule"]["b"] == 15 and tight["fit"]["b_from_groups"] == 5 and tight["fit"]["rule_score"] == 0.8
+    assert tight["mean_total_steps"] == 20
+    # Between rungs a sample counts at the rung below its D: D = 14 is scored as rung 5.
+    assert rule_score(AdaptiveSteps(warmup=5, k=0.0, b=14.0, min_steps=6), entropy, scores) == 0.5
 
 
 def test_fit_refuses_ragged_scores():
