@@ -6,15 +6,20 @@ seconds-long variant for smoke tests. Why these sizes (all measured on the share
 * clips: 9 frames at 32 x 32, the data generator's default and the judge's design point (a shape is 8-13 px wide).
 * tokenizer: spatial factor 8 (``dim_mult`` of 3 levels: patchify 2 x two halvings) and temporal factor 4, so a clip
   is a 3 x 4 x 4 latent grid: 48 tokens, each covering an 8 x 8 patch of 4 frames. Factor 16 would leave 2 x 2 cells
-  (no spatial layout to refine); factor 4 would give 192-320 tokens and a 4-7x costlier refiner. Widths 8/8 with
-  ``dim_mult`` (2, 2, 2) (16 channels at every level: more at full resolution, where edges are drawn, than (1, 4, 4),
-  and faster to train) and one residual block per level: CPU 3-D convolutions with few channels are bound by memory traffic, not arithmetic, and
+  (no spatial layout to refine); factor 4 would give 192-320 tokens and a 4-7x costlier refiner. Encoder width 8,
+  decoder width 16, ``dim_mult`` (2, 2, 2) (the same channels at every level: more at full resolution, where edges
+  are drawn, than (1, 4, 4)) and one residual block per level. The decoder is the wider one because it draws the
+  corners that tell a square from a circle at 8-13 px: an earlier tokenizer with an 8-wide decoder reproduced only
+  86 % of shapes (judged round trip of 400 clips; circles and squares confused), which capped generation at about
+  that. CPU 3-D convolutions with few channels are bound by memory traffic, not arithmetic, and
   small batches run 3-5x faster per sample than large ones because they stay in cache. Learning goes through a
   plateau (blurred blobs, colours mixed) before shapes get sharp; single images cost ~1/4 of a clip per step, so the
   plateau is crossed on images first (the first chunk of the causal tokenizer is an image tokenizer whose spatial
   weights every later chunk shares), then clips add the temporal paths.
 * refiner: width 128, depth 4, 4 heads of 32, SwiGLU 384 (0.94 M parameters); a guided 50-step generation of the
-  48-token grid takes ~0.6 s on one core.
+  48-token grid takes ~0.6 s on one core. 4000 steps (~25 min): on the same tokenizer, shape accuracy on the shapes
+  benchmark was 78.5 % after 2000 steps, 89.6 % after 3500 and 94.4 % after 4000 (colour and direction 98-100 %);
+  the whole recipe then takes ~57 min on the 2-core CPU, inside the 60 min budget.
 * text: the download-free hashed encoder at 64 channels (the refiner's ``text_channels``).
 """
 
@@ -29,7 +34,7 @@ from ..tokenizer import TokenizerConfig
 
 
 def _tiny_tokenizer() -> TokenizerConfig:
-    return TokenizerConfig(dim=8, dec_dim=8, z_dim=16, dim_mult=(2, 2, 2), num_res_blocks=1,
+    return TokenizerConfig(dim=8, dec_dim=16, z_dim=16, dim_mult=(2, 2, 2), num_res_blocks=1,
                            temporal_downsample=(1, 1), hbq_rounds=4)
 
 
@@ -71,7 +76,7 @@ class TinyRecipe:
 
     ref_clips: int = 6144
     ref_images: int = 1024
-    ref_steps: int = 2000
+    ref_steps: int = 4000
     ref_batch: int = 32
     ref_lr: float = 1.5e-3
     ref_warmup: int = 100

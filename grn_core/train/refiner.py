@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hbq
+from ..checkpoint_files import read_checkpoint
 from ..checkpoints import checkpoint_metadata, save_checkpoint
 from ..data.shapes import ShapesDataset
 from ..pipeline import format_prompt
@@ -45,7 +46,7 @@ from .recipe import TinyRecipe
 log = logging.getLogger("grn_core.train")
 
 REFINER_FILE = "refiner.safetensors"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -92,7 +93,7 @@ def cached_encoded_dataset(tok: HBQTokenizer, tokenizer_file: Path, recipe: Tiny
     key_source = json.dumps({
         "version": CACHE_VERSION, "seed": seed, "frames": recipe.frames, "height": recipe.height,
         "width": recipe.width, "clips": recipe.ref_clips, "images": recipe.ref_images,
-        "tokenizer": hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest(),
+        "tokenizer": weights_fingerprint(tokenizer_file),
     }, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tiny_bits_{key}.pt"
@@ -296,15 +297,32 @@ def train_refiner(recipe: TinyRecipe, seed: int, data: EncodedShapes,
 
 
 # -------------------------------------------------------------------------------------------------- files
+def weights_fingerprint(path: Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes in name order).
+
+    Not of the file's bytes: safetensors writes its metadata header in no fixed order, so two saves of the same
+    weights can differ byte-wise.
+    """
+    digest = hashlib.sha256()
+    tensors = read_checkpoint(path).tensors
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def refiner_metadata(ref: GRNRefiner, seed: int, encoder: HashedTextEncoder, recipe: TinyRecipe,
-                     preview: Optional[str], adaptive: Optional[dict]) -> dict[str, str]:
-    """The metadata ``grn_core.models.load_tiny`` reads (text encoder, preview, default size) plus the recipe."""
+                     preview: Optional[str], adaptive: Optional[dict], tokenizer_fingerprint: str) -> dict[str, str]:
+    """The metadata ``grn_core.models.load_tiny`` reads (text encoder, preview, default size), plus the recipe, the
+    calibrated adaptive rule and the fingerprint of the tokenizer weights the refiner was trained on (its partner)."""
     tasks = ("t2v", "t2i") if recipe.ref_images > 0 and recipe.image_every > 0 else ("t2v",)
     meta = checkpoint_metadata("refiner", ref.config, layout=ref.config.layout, tasks=tasks,
                                source=f"grn_core.train tiny recipe, seed {seed}")
     meta["grn.text_encoder"] = json.dumps(encoder.config, sort_keys=True)
     meta["grn.defaults"] = json.dumps({"width": recipe.width, "height": recipe.height, "frames": recipe.frames})
     meta["grn.recipe"] = json.dumps({"seed": seed, **recipe.to_dict()}, sort_keys=True)
+    meta["grn.tokenizer_fingerprint"] = tokenizer_fingerprint
     if preview is not None:
         meta["grn.preview"] = preview
     if adaptive is not None:

@@ -27,14 +27,15 @@ from ..sampler import LatentRGBProjection
 from ..text.hashed import HashedTextEncoder
 from .calibrate import calibrate_adaptive
 from .recipe import TinyRecipe
-from .refiner import REFINER_FILE, cached_encoded_dataset, refiner_metadata, save_refiner, train_refiner
+from .refiner import (REFINER_FILE, cached_encoded_dataset, refiner_metadata, save_refiner, train_refiner,
+                      weights_fingerprint)
 from .tokenizer import (TOKENIZER_FILE, fit_preview, load_trained_tokenizer, preview_metadata, save_tokenizer,
                         train_tokenizer)
 
 log = logging.getLogger("grn_core.train")
 
 SUMMARY_FILE = "training.json"
-CALIBRATION_SEEDS = (1000,)
+CALIBRATION_SEEDS = (1000, 1001, 1002)
 
 
 def default_cache_dir() -> Path:
@@ -88,6 +89,7 @@ def run_refiner(recipe: TinyRecipe, out_dir: Path, seed: int, cache_dir: Optiona
         raise ValueError(f"{out_dir / TOKENIZER_FILE} has config {tok.config.to_dict()} but the recipe expects "
                          f"{recipe.tokenizer.to_dict()}; retrain the tokenizer or pass the matching recipe.")
     tok_meta = read_checkpoint(out_dir / TOKENIZER_FILE).metadata
+    tok_fingerprint = weights_fingerprint(out_dir / TOKENIZER_FILE)
     preview_json = tok_meta.get("grn.preview")
     encoder = HashedTextEncoder(dim=recipe.text_dim)
     t0 = time.perf_counter()
@@ -104,13 +106,21 @@ def run_refiner(recipe: TinyRecipe, out_dir: Path, seed: int, cache_dir: Optiona
         adaptive = calibration["rule"]
         payload["calibration"] = calibration
         log.info("calibration: rule %s, mean %.1f steps; accuracy by remaining steps %s; groups %s (%.0f s)",
-                 adaptive, calibration["mean_total_steps"], calibration["accuracy_by_remaining"],
+                 adaptive, calibration["mean_total_steps"], calibration["score_by_remaining"],
                  calibration["fit"]["groups"], calibration["seconds"])
-    save_refiner(refiner, out_dir, refiner_metadata(refiner, seed, encoder, recipe, preview_json, adaptive))
+    _check_partner(out_dir, tok_fingerprint)
+    meta = refiner_metadata(refiner, seed, encoder, recipe, preview_json, adaptive, tok_fingerprint)
+    save_refiner(refiner, out_dir, meta)
     payload["seconds"] = round(time.perf_counter() - started, 1)
     log.info("refiner: %.0f s, final %s -> %s", payload["seconds"], summary["final"], out_dir / REFINER_FILE)
     _update_summary(out_dir, "refiner", payload)
     return payload
+
+
+def _check_partner(out_dir: Path, expected_sha: str) -> None:
+    if weights_fingerprint(out_dir / TOKENIZER_FILE) != expected_sha:
+        raise ValueError(f"{out_dir / TOKENIZER_FILE} is not the tokenizer the refiner was trained with (the file "
+                         f"changed while the stage ran); retrain the refiner, or restore that tokenizer.")
 
 
 def run_calibration(out_dir: Path) -> dict:
@@ -118,6 +128,10 @@ def run_calibration(out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     raw = read_checkpoint(out_dir / REFINER_FILE)
     meta = dict(raw.metadata)
+    tok_fingerprint = weights_fingerprint(out_dir / TOKENIZER_FILE)
+    if meta.get("grn.tokenizer_fingerprint", tok_fingerprint) != tok_fingerprint:
+        raise ValueError(f"{out_dir / TOKENIZER_FILE} is not the tokenizer {out_dir / REFINER_FILE} was trained "
+                         f"with (its weights differ from the refiner's grn.tokenizer_fingerprint).")
     recipe_data = json.loads(meta["grn.recipe"])
     seed = int(recipe_data.pop("seed"))
     recipe = TinyRecipe.from_dict(recipe_data)
@@ -128,7 +142,7 @@ def run_calibration(out_dir: Path) -> dict:
     calibration = calibrate_adaptive(_model(refiner, tok, encoder, preview), _calibration_prompts(),
                                      CALIBRATION_SEEDS, recipe.frames, recipe.height, recipe.width)
     save_refiner(refiner, out_dir, refiner_metadata(refiner, seed, encoder, recipe, meta.get("grn.preview"),
-                                                    calibration["rule"]))
+                                                    calibration["rule"], tok_fingerprint))
     log.info("calibration: rule %s fit %s", calibration["rule"], calibration["fit"])
     summary_path = out_dir / SUMMARY_FILE
     data = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
