@@ -12,13 +12,15 @@ An empty negative prompt is legal officially: "" tokenizes to EOS alone and yiel
 from __future__ import annotations
 
 from os import PathLike
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
-from tokenizers import Tokenizer
 
 from grn_core.text.cleaning import clean_prompt
 from grn_core.text.umt5 import UMT5Encoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["UMT5PromptEncoder"]
 
@@ -36,6 +38,9 @@ class UMT5PromptEncoder:
         max_length: int = 512,
         eos_token: str = "</s>",
     ):
+        # Imported here, not at module level: the tiny model's command line never needs it (0.1 s of start-up).
+        from tokenizers import Tokenizer
+
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
         if isinstance(tokenizer, Tokenizer):
