@@ -9,7 +9,6 @@ import torch
 
 from grn_core import hbq
 from grn_core.checkpoint_files import read_checkpoint
-from grn_core.models import load_tiny  # noqa: F401  (the loader the produced files are made for)
 from grn_core.pipeline import load_model
 from grn_core.refiner import GRNRefiner, RefinerConfig
 from grn_core.train import TinyRecipe, corrupt_bits, quantize_straight_through, training_logits
