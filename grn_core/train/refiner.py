@@ -85,15 +85,16 @@ def encode_dataset(tok: HBQTokenizer, recipe: TinyRecipe, seed: int) -> EncodedS
     return EncodedShapes(video_bits, video_captions, image_bits, image_captions)
 
 
-def cached_encoded_dataset(tok: HBQTokenizer, tokenizer_file: Path, recipe: TinyRecipe, seed: int,
+def cached_encoded_dataset(tok: HBQTokenizer, tokenizer_fingerprint: str, recipe: TinyRecipe, seed: int,
                            cache_dir: Optional[Path]) -> EncodedShapes:
-    """``encode_dataset``, stored in ``cache_dir`` under a key of the tokenizer file's bytes, data sizes and seed."""
+    """``encode_dataset``, stored in ``cache_dir`` under a key of the tokenizer's weights (``weights_fingerprint``
+    of its file, which the caller has already computed), data sizes and seed."""
     if cache_dir is None:
         return encode_dataset(tok, recipe, seed)
     key_source = json.dumps({
         "version": CACHE_VERSION, "seed": seed, "frames": recipe.frames, "height": recipe.height,
         "width": recipe.width, "clips": recipe.ref_clips, "images": recipe.ref_images,
-        "tokenizer": weights_fingerprint(tokenizer_file),
+        "tokenizer": tokenizer_fingerprint,
     }, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tiny_bits_{key}.pt"

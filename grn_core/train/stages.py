@@ -93,7 +93,7 @@ def run_refiner(recipe: TinyRecipe, out_dir: Path, seed: int, cache_dir: Optiona
     preview_json = tok_meta.get("grn.preview")
     encoder = HashedTextEncoder(dim=recipe.text_dim)
     t0 = time.perf_counter()
-    data = cached_encoded_dataset(tok, out_dir / TOKENIZER_FILE, recipe, seed, cache_dir)
+    data = cached_encoded_dataset(tok, tok_fingerprint, recipe, seed, cache_dir)
     encode_seconds = round(time.perf_counter() - t0, 1)
     refiner, summary = train_refiner(recipe, seed, data, encoder)
     payload: dict = {"seed": seed, "encode_seconds": encode_seconds, "train": summary,
