@@ -91,3 +91,12 @@ def test_module_entry_point_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2  # C2I in-context start cannot be read from tensors
     assert "in_context_start" in result.stderr
+
+
+def test_command_line_start_up_does_not_import_the_umt5_tokenizer_library():
+    # The tiny model's command line never tokenizes with umt5; importing `tokenizers` would add ~0.1 s to every run.
+    code = "import sys, grn_core.__main__, grn_core.generate, grn_core.models; print('tokenizers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
