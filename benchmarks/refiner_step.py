@@ -31,7 +31,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 def step_flops(cfg: RefinerConfig, grid: tuple[int, int, int], text_lens: list[int], batch: int,
                first_frame: bool = False) -> dict[str, int]:
-    """Multiply-add FLOPs (2 per MAC) of one step, split by kind, summed over branches and samples."""
+    """Multiply-add FLOPs (2 per MAC) of one step, split by kind, summed over branches and samples.
+
+    Every matmul of the step is counted (tests/test_benchmark_flops.py checks the total against PyTorch's FLOP
+    counter); element-wise work (norms, RoPE, softmax, SiLU) is not.
+    """
     t, h, w = grid
     visual = t * h * w
     c, hd = cfg.width, cfg.head_dim
@@ -51,9 +55,10 @@ def step_flops(cfg: RefinerConfig, grid: tuple[int, int, int], text_lens: list[i
         flops["mlp"] += batch * cfg.depth * per_layer_mlp
         flops["attention"] += batch * cfg.depth * per_layer_attn
         flops["head"] += batch * 2 * visual * c * cfg.in_channels
-    # The bit embedding runs once per sample (shared by both branches) on bits, not on the one-hot input.
+    # The bit embedding and the step token's MLP run once per sample (shared by both branches); the embedding
+    # multiplies the bits, not the one-hot input.
     embed_tokens = visual + (h * w if first_frame else 0)
-    flops["embed"] = batch * 2 * embed_tokens * cfg.bits * c
+    flops["embed"] = batch * 2 * (embed_tokens * cfg.bits * c + cfg.step_freq_dim * c + c * c)
     flops["total"] = sum(flops.values())
     return flops
 
