@@ -10,8 +10,10 @@ One JSON message per sampler step, at most ``MAX_EVENT_BYTES`` once serialised::
      "preview": {"t": 9, "cols": 3, "tile": [53, 30], "mime": "image/jpeg", "data": "<base64>"} | null}
 
 ``map.data`` packs the token-state codes (0 fill, 1 keep, 2 erase, 3 blank; ``grn_core.sampler.states``) four to a
-byte, first code in the lowest two bits, frames then rows then columns. ``preview`` is one JPEG sheet holding every
-latent frame as a tile, ``cols`` tiles per row. When the message would be too big the preview shrinks, then goes.
+byte, first code in the lowest two bits, frames then rows then columns. ``preview`` is one image sheet holding every
+latent frame as a tile, ``cols`` tiles per row: PNG while the sheet is small (a few latent cells per frame, where
+JPEG's 8×8 blocks and halved colour resolution would blend neighbouring cells and frames), JPEG above that. When the
+message would be too big the preview shrinks, then goes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 EVENT_NAME = "grn.refine"
 EVENT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
+LOSSLESS_SHEET_PIXELS = 64 * 64  # sheets up to this size go as PNG (a few KB at most)
 STATE_NAMES = ("fill", "keep", "erase", "blank")
 MAX_MAP_SIDE = 64
 MAX_MAP_FRAMES = 32
@@ -66,7 +69,7 @@ def thin_map(states: torch.Tensor, max_side: int = MAX_MAP_SIDE, max_frames: int
 
 
 def preview_sheet(rgb: torch.Tensor, max_tile_side: int = 64, quality: int = 75) -> Optional[dict]:
-    """RGB preview ``[t, 3, h, w]`` (about [-1, 1]) -> one JPEG sheet of frame tiles, as the event's ``preview``."""
+    """RGB preview ``[t, 3, h, w]`` (about [-1, 1]) -> one image sheet of frame tiles, as the event's ``preview``."""
     from PIL import Image
 
     if rgb is None or rgb.dim() != 4 or rgb.shape[1] != 3:
@@ -85,8 +88,12 @@ def preview_sheet(rgb: torch.Tensor, max_tile_side: int = 64, quality: int = 75)
         sheet[:, r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[i]
     pixels = ((sheet.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return {"t": t, "cols": cols, "tile": [tw, th], "mime": "image/jpeg",
+    lossless = sheet.shape[1] * sheet.shape[2] <= LOSSLESS_SHEET_PIXELS
+    if lossless:
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    else:
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return {"t": t, "cols": cols, "tile": [tw, th], "mime": "image/png" if lossless else "image/jpeg",
             "data": base64.b64encode(buffer.getvalue()).decode("ascii")}
 
 

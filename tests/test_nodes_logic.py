@@ -294,7 +294,7 @@ def test_run_sends_one_small_event_per_step_and_records_stats(loaded, conditioni
         m = event["map"]
         states = unpack_state_map(m["data"], (m["t"], m["h"], m["w"]))
         assert states.shape == (2, 3, 4) and int(states.max()) <= 3
-        assert event["preview"]["mime"] == "image/jpeg"
+        assert event["preview"]["mime"] == "image/png"  # 2 frames of 3x4 cells: small enough to go lossless
     assert len(result.extras["steps"]) == 4
     assert [r["kept"] for r in result.extras["steps"]] == pytest.approx([e["kept"] for e in events], abs=1e-5)
 

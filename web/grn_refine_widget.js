@@ -184,8 +184,12 @@ class RefineView {
       const f = Math.min(this.frame, ev.preview.t - 1);
       const col = f % ev.preview.cols, row = Math.floor(f / ev.preview.cols);
       const scale = Math.min(half / tw, areaH / th);
-      ctx.imageSmoothingEnabled = true;
+      // a few latent cells blown up: crisp cells like the token map beside it; a real-size preview: smooth
+      ctx.imageSmoothingEnabled = scale < 4;
       ctx.drawImage(entry.image, col * tw, row * th, tw, th, 8 + half, top, tw * scale, th * scale);
+      // a frame, so a dark preview (black backgrounds are common) still reads as an image on the dark node
+      ctx.strokeStyle = "#555";
+      ctx.strokeRect(8 + half - 0.5, top - 0.5, tw * scale + 1, th * scale + 1);
     }
 
     // entropy sparkline (white) and kept fraction (blue) over the steps so far, marker at the shown step;
