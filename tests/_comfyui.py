@@ -57,7 +57,7 @@ def server_env() -> dict:
 
 @contextmanager
 def comfyui_server(work: Path, settings: Optional[dict] = None) -> Iterator[dict]:
-    """Start ComfyUI (``COMFYUI_DIR``) on a free port; yields ``{"base", "port", "log"}``; stops it afterwards.
+    """Start ComfyUI (``COMFYUI_DIR``) on a free port; yields ``{"base", "port", "log", "pid"}``; stops it afterwards.
 
     ``settings`` pre-seeds the frontend's user settings (``comfy.settings.json``) in the private user directory.
     """
@@ -94,7 +94,7 @@ def comfyui_server(work: Path, settings: Optional[dict] = None) -> Iterator[dict
                 time.sleep(1)
         else:
             pytest.fail("ComfyUI did not start within 240 s")
-        yield {"base": base, "port": port, "log": work / "server.log"}
+        yield {"base": base, "port": port, "log": work / "server.log", "pid": proc.pid}
     finally:
         proc.terminate()
         try:

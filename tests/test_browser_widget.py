@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 
 import pytest
@@ -158,22 +159,27 @@ def test_widget_sits_on_the_sampler_and_is_not_serialized(page):
 
 
 @pytest.fixture(scope="module")
-def run(page, tmp_path_factory):
+def run(page, server, tmp_path_factory):
     """Queue the workflow, screenshot mid-run, wait for the end; returns what was seen."""
     before = _serialized_sampler(page)["widgets_values"]
     prompt = page.execute_script("return app.graphToPrompt().then((p) => p.output)")
     page.execute_script("return app.queuePrompt(0, 1)")
-    # three fifths in (a screenshot lands some steps later): for the tiny model at 200 steps, seed 42, all four
-    # token states (fill, keep, erase, blank) show from about step 125 to 145; by 150 nothing is blank
-    # The tiny model takes ~20 ms a step, so everything from here to ``after_shot`` is kept short: a fine poll, one
-    # screenshot, then the reading (the widget's crop is cut from the screenshot afterwards, not captured again).
+    # Three fifths in: for the tiny model at 200 steps, seed 42, all four token states (fill, keep, erase, blank)
+    # show from about step 125 to 145. A step takes 10-20 ms and a screenshot several times that, so the server is
+    # paused (SIGSTOP) for the screenshot: the run is then really mid-way before, during and after it.
     mid = _wait(page, STATE, lambda s: (_step(s["label"]) or (0, 0))[0] >= 3 * STEPS // 5 or not s["running"] and
                 s["steps"], 180, "the widget to reach three fifths of the run", poll=0.03)
     assert mid["running"], f"the run ended before the screenshot could be taken: {mid}"
     shots = tmp_path_factory.mktemp("screenshots")
     screenshot = shots / "widget_mid_run.png"
-    page.save_screenshot(str(screenshot))
-    after_shot = page.execute_script(STATE)
+    os.kill(server["pid"], signal.SIGSTOP)
+    try:
+        time.sleep(0.2)  # let the events already on the socket land and be drawn
+        mid = page.execute_script(STATE)
+        page.save_screenshot(str(screenshot))
+        after_shot = page.execute_script(STATE)
+    finally:
+        os.kill(server["pid"], signal.SIGCONT)
     box = page.execute_script(f"const r = {VIEW}.root.getBoundingClientRect(); "
                               "return [r.left, r.top, r.right, r.bottom].map((v) => Math.round(v * devicePixelRatio));")
     from PIL import Image
@@ -247,3 +253,35 @@ def test_the_run_used_the_shipped_tiny_workflow(run):
     size = (sampler["width"], sampler["height"], sampler["frames"])
     assert size == tuple(shipped[i] for i in (0, 1, 4)) == (32, 32, 9)
     assert run["end"]["label"].startswith(f"step {STEPS} / {STEPS}   32×32, 9 frames"), run["end"]["label"]
+
+
+def test_the_rgb_preview_arrives_and_is_painted(page, run):
+    """Every step event carries the preview sheet; the shown step's image loads and lands in the preview panel."""
+    seen = page.execute_script(f"""const v = {VIEW};
+        const entry = v.history[v.history.length - 1];
+        return {{with_preview: v.history.filter((e) => e.event.preview && e.image).length,
+                 loaded: Boolean(entry.image && entry.image.complete && entry.image.naturalWidth > 0),
+                 tile: entry.event.preview ? entry.event.preview.tile : null}};""")
+    assert seen["with_preview"] == STEPS and seen["loaded"] and seen["tile"], seen
+    # After scrubbing to the last step, each latent cell of the shown frame sits in the preview panel in the sheet's
+    # own colour (a few cells blown up: drawn without smoothing). Compare every cell's centre with the sheet.
+    cells = page.execute_script(f"""const v = {VIEW};
+        v.stepSlider.value = String(v.stepSlider.max); v.stepSlider.dispatchEvent(new Event('input'));
+        v.frameSlider.value = '0'; v.frameSlider.dispatchEvent(new Event('input'));
+        const entry = v.history[v.index], p = entry.event.preview, [tw, th] = p.tile;
+        const sheet = document.createElement('canvas');
+        sheet.width = entry.image.naturalWidth; sheet.height = entry.image.naturalHeight;
+        const sctx = sheet.getContext('2d');
+        sctx.drawImage(entry.image, 0, 0);
+        const c = v.canvas, r = window.devicePixelRatio || 1, ctx = c.getContext('2d');
+        const cw = Math.max(100, c.clientWidth), ch = Math.max(100, c.clientHeight);
+        const half = (cw - 12) / 2, top = 34, areaH = ch - top - 14 - 40 - 16 - 8;
+        const scale = Math.min(half / tw, areaH / th);
+        const out = [];
+        for (let y = 0; y < th; y++) for (let x = 0; x < tw; x++) {{
+          const want = Array.from(sctx.getImageData(x, y, 1, 1).data.slice(0, 3));
+          const px = Math.round((8 + half + (x + 0.5) * scale) * r), py = Math.round((top + (y + 0.5) * scale) * r);
+          out.push([want, Array.from(ctx.getImageData(px, py, 1, 1).data.slice(0, 3))]);
+        }}
+        return out;""")
+    assert cells and all(max(abs(a - b) for a, b in zip(want, got)) <= 2 for want, got in cells), cells
