@@ -65,7 +65,6 @@ import contextlib
 import importlib
 import io
 import json
-import statistics
 import sys
 import types
 import warnings
@@ -78,7 +77,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refiner_step import matmul_gflops, step_flops, step_times  # noqa: E402  (puts the repo root on sys.path)
+from refiner_step import step_flops, time_against_matmul  # noqa: E402  (puts the repo root on sys.path)
 from grn_core.refiner import RefinerConfig, swiglu_hidden  # noqa: E402
 
 STEP_TOKENS = 1  # other_args.add_scale_token: one step token per branch, RoPE position 512 of the text axis
@@ -289,13 +288,6 @@ def main(argv: list[str] | None = None) -> dict:
     labels = torch.randint(0, 2, (1, bits, t, h, w)).float()  # the official loops keep labels in the text dtype
     step = STEPS[off.layout](off, model, oargs, grid, labels, 0.3, cond, uncond)
 
-    mm_before = matmul_gflops(args.repeats)
-    for _ in range(args.warmup):
-        step()
-    times = step_times(step, args.repeats)
-    seconds = statistics.median(times)
-    mm_after = matmul_gflops(args.repeats)
-
     # FLOPs counted exactly as refiner_step.py counts them, for the layout this official code runs.
     sizes = dict(width=args.width, depth=args.depth, heads=args.heads, kv_heads=args.kv_heads or args.heads,
                  mlp_hidden=swiglu_hidden(args.width, args.mlp_ratio), block_chunks=1,
@@ -304,24 +296,15 @@ def main(argv: list[str] | None = None) -> dict:
     other = "joint" if off.layout == "prefix" else "prefix"
     flops = step_flops(RefinerConfig(**sizes, layout=off.layout), grid, text_lens, 1)
     flops_other = step_flops(RefinerConfig(**sizes, layout=other), grid, text_lens, 1)
-    gflops = flops["total"] / seconds / 1e9
-    mm = statistics.median(mm_before + mm_after)
-    best_gflops, best_mm = flops["total"] / min(times) / 1e9, max(mm_before + mm_after)
-    mlp_hidden = model.unregistered_blocks[0].mlp.intermediate_size
     result = {
         "implementation": "official", "layout": off.layout, "dtype": "float32", "threads": args.threads,
         "width": args.width, "depth": args.depth, "heads": args.heads, "kv_heads": sizes["kv_heads"],
-        "mlp_hidden": mlp_hidden, "grid": [t, h, w], "text": text_lens, "batch": 1, "first_frame": False,
-        "params": sum(q.numel() for q in model.parameters()),
+        "mlp_hidden": model.unregistered_blocks[0].mlp.intermediate_size, "grid": [t, h, w], "text": text_lens,
+        "batch": 1, "first_frame": False, "params": sum(q.numel() for q in model.parameters()),
         "gflop_per_step": round(flops["total"] / 1e9, 3),
         "gflop_split": {k: round(v / 1e9, 3) for k, v in flops.items() if k != "total"},
         f"gflop_per_step_{other}": round(flops_other["total"] / 1e9, 3),
-        "s_per_step": round(seconds, 4), "gflops": round(gflops, 1),
-        "matmul_f32_gflops": round(mm, 1), "matmul_f32_gflops_range": [round(min(mm_before + mm_after), 1),
-                                                                       round(max(mm_before + mm_after), 1)],
-        "fraction_of_matmul": round(gflops / mm, 3),
-        # Best-of figures are less sensitive to other processes on a shared machine.
-        "s_per_step_min": round(min(times), 4), "fraction_of_matmul_best": round(best_gflops / best_mm, 3),
+        **time_against_matmul(step, flops["total"], args.repeats, args.warmup),
     }
     print(json.dumps(result))
     return result

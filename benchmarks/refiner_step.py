@@ -83,6 +83,26 @@ def matmul_gflops(repeats: int, n: int = 2048) -> list[float]:
     return out
 
 
+def time_against_matmul(step, flops: int, repeats: int, warmup: int) -> dict:
+    """Time ``step`` (after ``warmup`` calls) between two rounds of float32 matmul timings; the speed fields of the
+    JSON line: median and best seconds, GFLOP/s for ``flops`` per step, and the ratios to the matmul rate."""
+    mm_runs = matmul_gflops(repeats)
+    for _ in range(warmup):
+        step()
+    times = step_times(step, repeats)
+    mm_runs += matmul_gflops(repeats)
+    seconds, mm = statistics.median(times), statistics.median(mm_runs)
+    gflops = flops / seconds / 1e9
+    best_gflops, best_mm = flops / min(times) / 1e9, max(mm_runs)
+    return {
+        "s_per_step": round(seconds, 4), "gflops": round(gflops, 1),
+        "matmul_f32_gflops": round(mm, 1), "matmul_f32_gflops_range": [round(min(mm_runs), 1), round(max(mm_runs), 1)],
+        "fraction_of_matmul": round(gflops / mm, 3),
+        # Best-of figures are less sensitive to other processes on a shared machine.
+        "s_per_step_min": round(min(times), 4), "fraction_of_matmul_best": round(best_gflops / best_mm, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=512)
@@ -124,30 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
     def step():
         model.step_logits(bits, step_value, text_cond, text_uncond, aspect_ratio=h / w, first_frame_bits=first)
 
-    mm_before = matmul_gflops(args.repeats)
-    for _ in range(args.warmup):
-        step()
-    times = step_times(step, args.repeats)
-    seconds = statistics.median(times)
-    mm_after = matmul_gflops(args.repeats)
-
     text_lens = [args.text_cond] + ([args.text_uncond] if args.text_uncond else [])
     flops = step_flops(cfg, (t, h, w), text_lens, args.batch, first_frame=args.first_frame)
-    gflops = flops["total"] / seconds / 1e9
-    mm = statistics.median(mm_before + mm_after)
-    best_gflops, best_mm = flops["total"] / min(times) / 1e9, max(mm_before + mm_after)
     result = {
         "layout": args.layout, "dtype": args.dtype, "threads": args.threads, "width": args.width, "depth": args.depth,
         "heads": args.heads, "kv_heads": cfg.kv_heads, "mlp_hidden": cfg.mlp_hidden, "grid": [t, h, w],
         "text": text_lens, "batch": args.batch, "first_frame": args.first_frame,
         "gflop_per_step": round(flops["total"] / 1e9, 3),
         "gflop_split": {k: round(v / 1e9, 3) for k, v in flops.items() if k != "total"},
-        "s_per_step": round(seconds, 4), "gflops": round(gflops, 1),
-        "matmul_f32_gflops": round(mm, 1), "matmul_f32_gflops_range": [round(min(mm_before + mm_after), 1),
-                                                                       round(max(mm_before + mm_after), 1)],
-        "fraction_of_matmul": round(gflops / mm, 3),
-        # Best-of figures are less sensitive to other processes on a shared machine.
-        "s_per_step_min": round(min(times), 4), "fraction_of_matmul_best": round(best_gflops / best_mm, 3),
+        **time_against_matmul(step, flops["total"], args.repeats, args.warmup),
     }
     print(json.dumps(result))
     return result
