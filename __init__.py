@@ -12,9 +12,9 @@ WEB_DIRECTORY = "./web"
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 if _ROOT not in sys.path:
-    # ComfyUI puts custom_nodes/ on the path, not this folder: make ``import grn_core`` work. Appended, so this
-    # folder never shadows ComfyUI's own top-level modules (ComfyUI has a ``nodes`` module too: ours is only
-    # ever imported relatively, as ``.nodes``).
+    # ComfyUI puts custom_nodes/ on the path, not this folder: make ``import grn_core`` work when the library is
+    # not pip-installed. Appended, so this folder never shadows ComfyUI's own top-level modules (our node package
+    # is ``grn_nodes``, not ComfyUI's ``nodes``, and is imported relatively).
     sys.path.append(_ROOT)
 
 try:
@@ -25,7 +25,7 @@ else:
     _IN_COMFYUI = True
 
 if _IN_COMFYUI:
-    from .nodes.comfy_nodes import comfy_entrypoint  # noqa: E402
+    from .grn_nodes.comfy_nodes import comfy_entrypoint  # noqa: E402
 
     __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
 else:

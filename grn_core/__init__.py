@@ -1,6 +1,6 @@
 """grn_core — a standalone PyTorch implementation of GRN (Generative Refinement Networks).
 
-No ComfyUI import anywhere in this package: the ComfyUI nodes in ``nodes/`` are thin adapters over it.
+No ComfyUI import anywhere in this package: the ComfyUI nodes in ``grn_nodes/`` are thin adapters over it.
 Data flows one way: prompt -> text features -> refiner + sampler -> bit map -> tokenizer decode -> frames.
 """
 

@@ -14,8 +14,8 @@ from grn_core.runtime.fp8 import Fp8Linear
 from grn_core.runtime.memory import GRNOutOfMemoryError
 from grn_core.runtime.offload import module_bytes
 from grn_core.tokenizer import HBQTokenizer, TokenizerConfig
-from nodes import logic, model_files
-from nodes.widget_events import MAX_EVENT_BYTES, event_size, unpack_state_map
+from grn_nodes import logic, model_files
+from grn_nodes.widget_events import MAX_EVENT_BYTES, event_size, unpack_state_map
 from tests._golden import GOLDEN
 
 REFINER = GOLDEN / "refiner_joint_weights.safetensors"

@@ -1,6 +1,6 @@
 """The node schemas and the shipped workflows agree, read without ComfyUI.
 
-A minimal stand-in for ``comfy_api.latest`` (only what ``nodes/comfy_nodes.py`` touches) is put into
+A minimal stand-in for ``comfy_api.latest`` (only what ``grn_nodes/comfy_nodes.py`` touches) is put into
 ``sys.modules`` for the import, so the real schema definitions are read and their widget order compared with every
 workflow's ``widgets_values``. The pack's ``__init__`` must stay harmless without ComfyUI.
 """
@@ -53,12 +53,12 @@ def _fake_comfy_api() -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def comfy_nodes():
-    saved = {k: sys.modules.get(k) for k in ("comfy_api", "comfy_api.latest", "nodes.comfy_nodes")}
+    saved = {k: sys.modules.get(k) for k in ("comfy_api", "comfy_api.latest", "grn_nodes.comfy_nodes")}
     sys.modules["comfy_api"] = types.ModuleType("comfy_api")
     sys.modules["comfy_api.latest"] = _fake_comfy_api()
-    sys.modules.pop("nodes.comfy_nodes", None)
+    sys.modules.pop("grn_nodes.comfy_nodes", None)
     try:
-        yield importlib.import_module("nodes.comfy_nodes")
+        yield importlib.import_module("grn_nodes.comfy_nodes")
     finally:
         for key, value in saved.items():
             if value is None:

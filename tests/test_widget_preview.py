@@ -7,7 +7,7 @@ import numpy
 import torch
 from PIL import Image
 
-from nodes.widget_events import LOSSLESS_SHEET_PIXELS, MAX_EVENT_BYTES, build_step_event, event_size, preview_sheet
+from grn_nodes.widget_events import LOSSLESS_SHEET_PIXELS, MAX_EVENT_BYTES, build_step_event, event_size, preview_sheet
 
 
 def _pixels(sheet: dict) -> torch.Tensor:

@@ -1,6 +1,6 @@
 // ComfyUI-GRN: live view of the refinement on the "Refine Sampler" node (GRNRefineSampler).
 //
-// The server sends one "grn.refine" event per sampler step (nodes/widget_events.py documents the payload):
+// The server sends one "grn.refine" event per sampler step (grn_nodes/widget_events.py documents the payload):
 // the token-state map (fill / keep / erase / blank, 2 bits per token), an RGB preview sheet, entropy, kept fraction
 // and "step i / N". This widget draws the current step, offers a frame selector for videos and, once the run is
 // over, a step slider to scrub back through it. Nothing here is saved into the workflow (serialize: false).
