@@ -42,6 +42,7 @@ from .checkpoint_files import (
     read_checkpoint,
 )
 
+from .releases import RELEASED_FILES
 from .runtime.fp8 import FP8_DTYPES as _FP8_DTYPES
 from .runtime.precision import cast_network, dominant_dtype, resolve_precision
 
@@ -109,20 +110,9 @@ class KnownFile:
     overrides: tuple[tuple[str, Any], ...] = ()
 
 
-# Official release names → what the tensors cannot tell. The prefix-layout files are the first MGenAI releases.
+# Official release names → what the tensors cannot tell (layout, tasks, config overrides): the release catalogue.
 KNOWN_FILES: dict[str, KnownFile] = {
-    "GRN_T2I_2B_FSA_251600.pth": KnownFile("refiner", "joint", ("t2i",)),
-    "GRN_T2V_2B_FSA_sft147400_ema.pth": KnownFile("refiner", "joint", ("t2v",)),
-    "GRN_T2V_TITAN_FSA_sft10600_ema.pth": KnownFile("refiner", "joint", ("t2v", "i2v")),
-    "GRN_T2I_titan_FSA_256x256.pth": KnownFile("refiner", "joint", ("t2i",)),
-    "GRN_T2I_2B.pth": KnownFile("refiner", "prefix", ("t2i",)),
-    "GRN_T2V_2B.pth": KnownFile("refiner", "prefix", ("t2v",)),
-    "HBQ_tokenizer_64dim_M4.ckpt": KnownFile("tokenizer"),
-    "HBQ_image_video_tokenizer_64dim_M4_20260618.ckpt": KnownFile("tokenizer"),
-    "HBQ_image_video_tokenizer_64dim_M4_20260626.ckpt": KnownFile("tokenizer"),
-    "HBQ_image_tokenizer_16dim_M4.ckpt": KnownFile("tokenizer"),
-    "GRN_ind_B_ep599.pth": KnownFile("c2i", tasks=("c2i",), overrides=(("in_context_start", 4),)),
-    "models_t5_umt5-xxl-enc-bf16.pth": KnownFile("umt5"),
+    f.name: KnownFile(f.kind, f.layout, f.tasks, f.overrides) for f in RELEASED_FILES
 }
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {

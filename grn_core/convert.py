@@ -9,13 +9,12 @@ because they are small and their precision matters more.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint_files import CheckpointError, read_checkpoint
+from .checkpoint_files import read_checkpoint
 from .checkpoints import (
     FP8_DTYPES,
     _check_keys,
@@ -68,26 +67,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     return save_checkpoint(tensors, dst, meta)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grn_core.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="official .pth/.ckpt/.pt or a .safetensors file")
-    parser.add_argument("dst", help="output .safetensors file")
-    parser.add_argument("--dtype", default=None, help="storage dtype: bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 "
-                                                      "(default: keep the source's)")
-    parser.add_argument("--layout", choices=["joint", "prefix"], default=None,
-                        help="refiner attention layout, when neither the file nor its name tells")
-    parser.add_argument("--in-context-start", type=int, default=None,
-                        help="class-to-image: first block with in-context class tokens, when no preset matches")
-    args = parser.parse_args(argv)
-    try:
-        out = convert(args.src, args.dst, args.dtype, args.layout, args.in_context_start)
-    except (CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    size_mb = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size_mb:.1f} MiB)")
-    return 0
+if __name__ == "__main__":  # ``python -m grn_core.convert ...`` is ``python -m grn_core convert ...``
+    from grn_core.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -11,10 +11,14 @@ VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".png")
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """``[T, H, W, 3]`` float in [0, 1] → uint8 array of the same shape."""
+    """``[T, H, W, 3]`` float in [0, 1] → uint8 array of the same shape: ``clamp(0, 1) * 255``, truncated.
+
+    Truncation, not rounding, because the official code (``mul(255).to(torch.uint8)``) and ComfyUI's SaveImage
+    (``np.clip(255. * i, 0, 255).astype(np.uint8)``) both truncate: the same frames give the same bytes everywhere.
+    """
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got {tuple(frames.shape)}")
-    return (frames.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return (frames.detach().float().clamp(0, 1).cpu().numpy() * 255.0).astype(np.uint8)
 
 
 def write_frames(frames: torch.Tensor, path: str | Path, fps: float = 16.0) -> Path:

@@ -9,35 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-HF_REPO = "bytedance-research/GRN"
+from .releases import HF_REPO, SHORT_NAMES, UMT5_TOKENIZER, UMT5_WEIGHTS
+
 TINY_DIR = Path(__file__).parent / "assets" / "tiny"
-TOKENIZER_64 = "HBQ_image_video_tokenizer_64dim_M4_20260626.ckpt"
-TOKENIZER_16 = "HBQ_image_tokenizer_16dim_M4.ckpt"
-UMT5_WEIGHTS = "models_t5_umt5-xxl-enc-bf16.pth"
-UMT5_TOKENIZER = "umt5-xxl/tokenizer.json"
-
-
-@dataclass(frozen=True)
-class ReleasedModel:
-    refiner: str
-    tokenizer: str
-    task: str
-    text_encoder: bool = True
-
-
-RELEASED: dict[str, ReleasedModel] = {
-    "t2i-2b": ReleasedModel("GRN_T2I_2B_FSA_251600.pth", TOKENIZER_64, "t2i"),
-    "t2i-8b": ReleasedModel("GRN_T2I_titan_FSA_256x256.pth", TOKENIZER_64, "t2i"),
-    "t2v-2b": ReleasedModel("GRN_T2V_2B_FSA_sft147400_ema.pth", TOKENIZER_64, "t2v"),
-    "t2v-8b": ReleasedModel("GRN_T2V_TITAN_FSA_sft10600_ema.pth", TOKENIZER_64, "t2v"),
-    "i2v-8b": ReleasedModel("GRN_T2V_TITAN_FSA_sft10600_ema.pth", TOKENIZER_64, "i2v"),
-    "c2i-b": ReleasedModel("GRN_ind_B_ep599.pth", TOKENIZER_16, "c2i", text_encoder=False),
-}
-MODEL_CHOICES = ("tiny", *RELEASED)
+MODEL_CHOICES = ("tiny", *SHORT_NAMES)
 
 
 def default_model_dir() -> Path:
@@ -71,6 +49,8 @@ def load_tiny(device: Any = "cpu", dtype: Any = None, offload: Any = "auto", att
         model.preview = LatentRGBProjection.from_dict(json.loads(meta["grn.preview"]))
     if "grn.defaults" in meta:
         model.defaults = json.loads(meta["grn.defaults"])
+    # Trained with the empty prompt as the unconditional branch (cond dropout), never with the demos' negative list.
+    model.defaults.setdefault("negative", "")
     if "grn.adaptive" in meta:
         model.adaptive = AdaptiveSteps(**json.loads(meta["grn.adaptive"]))
     model.name = "tiny"
@@ -78,9 +58,10 @@ def load_tiny(device: Any = "cpu", dtype: Any = None, offload: Any = "auto", att
 
 
 def released_files(name: str, model_dir: Path) -> dict[str, Path]:
-    spec = RELEASED[name]
-    files = {"refiner": model_dir / spec.refiner, "tokenizer": model_dir / spec.tokenizer}
-    if spec.text_encoder:
+    """The files a short model name needs, by role, inside ``model_dir``."""
+    entry = SHORT_NAMES[name].file
+    files = {"refiner": model_dir / entry.name, "tokenizer": model_dir / entry.tokenizer}
+    if entry.kind == "refiner":  # text-conditioned: umt5-xxl and its tokenizer
         files["text_encoder"] = model_dir / UMT5_WEIGHTS
         files["text_tokenizer"] = model_dir / UMT5_TOKENIZER
     return files
@@ -116,7 +97,7 @@ def load_named(name: str, model_dir: Optional[Path] = None, download: bool = Fal
     if name == "tiny":
         model = load_tiny(device=device, dtype=dtype)
         return model, model.text_encoder, model.default_task()
-    if name not in RELEASED:
+    if name not in SHORT_NAMES:
         raise ValueError(f"unknown model '{name}'; use a file path or one of: {', '.join(MODEL_CHOICES)}.")
     model_dir = Path(model_dir or default_model_dir())
     files = released_files(name, model_dir)
@@ -126,4 +107,4 @@ def load_named(name: str, model_dir: Optional[Path] = None, download: bool = Fal
     if "text_encoder" in files:
         umt5 = load_umt5(files["text_encoder"], dtype=dtype, device=device)
         encoder = UMT5PromptEncoder(umt5, str(files["text_tokenizer"]))
-    return model, encoder, RELEASED[name].task
+    return model, encoder, SHORT_NAMES[name].task

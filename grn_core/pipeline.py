@@ -19,6 +19,7 @@ of these that fits the free memory. Out of memory in a step or a decode raises
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -27,6 +28,8 @@ import torch
 from torch import nn
 
 from . import hbq
+from .presets import JOINT_PROMPT_TEMPLATES, PREFIX_PROMPT_TEMPLATES, TASKS, preset
+from .releases import I2V_FILE
 from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer, parse_dtype
 from .runtime.fp8 import Fp8Linear
 from .runtime.memory import decode_advice, oom_guard, refiner_step_bytes, step_advice
@@ -35,17 +38,8 @@ from .runtime.precision import resolve_precision
 from .sampler import AdaptiveSteps, LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
 from .tokenizer import tiled
 
-TASKS = ("t2i", "t2v", "i2v", "c2i")
 UMT5_XXL_BF16_BYTES = 11_360_000_000  # 5.68B parameters: what offload="auto" budgets for the text encoder
-
-# Task tags as a plain-text prefix, as the current (joint-layout) checkpoints were trained; the first
-# (prefix-layout) releases had no tag and a quality suffix instead. Negative prompts are never tagged.
-JOINT_PROMPT_TEMPLATES = {
-    "t2i": "<T2I>{}",
-    "t2v": "<T2V>{} high aesthetic and high quality video.",
-    "i2v": "<I2V>{} high aesthetic and high quality video.",
-}
-PREFIX_PROMPT_TEMPLATES = {"t2i": "{}", "t2v": "{}. masterpiece, high quality.", "i2v": "{}"}
+log = logging.getLogger(__name__)
 
 
 class TextEncoder(Protocol):
@@ -192,12 +186,40 @@ def load_model(
     return model
 
 
+def fit_preview(model: GRNModel, cells: int = 16, seed: int = 0) -> LatentRGBProjection:
+    """Fit the live preview's latent → RGB projection for ``model``'s tokenizer.
+
+    Encodes a synthetic image of random colour cells (one cell per latent position), quantises it as the sampler's
+    bits are (bits → features), and fits the least-squares map from those features to the cells' colours.
+    """
+    sf = model.spatial_factor
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(1, 3, cells, cells, generator=g) * 2 - 1
+    image = colours.repeat_interleave(sf, 2).repeat_interleave(sf, 3)
+    with model.stage(model.tokenizer), torch.inference_mode():
+        weight = next(model.tokenizer.parameters())
+        z = model.tokenizer.encode(image.to(weight.device, weight.dtype))  # [1, d, 1, cells, cells]
+        zq = hbq.bits_to_features(hbq.features_to_bits(z, model.rounds), model.rounds)
+    feats = zq[0, :, 0].reshape(zq.shape[1], -1).T.float().cpu()
+    return LatentRGBProjection().fit(feats, colours[0].reshape(3, -1).T)
+
+
+def ensure_preview(model: GRNModel) -> Optional[LatentRGBProjection]:
+    """Give ``model`` a live-preview projection if it has none (a nicety: a failure is logged, never raised)."""
+    if model.preview is None:
+        try:
+            model.preview = fit_preview(model)
+        except Exception as error:  # noqa: BLE001 - a preview must never fail a load
+            log.warning("no live RGB preview for %s (%s)", model.name or "this model", error)
+    return model.preview
+
+
 def _default_grid(model: GRNModel) -> tuple[int, int, int]:
-    """Latent grid of the model's default request (T2V 480×848×33, else a 1024² image) for memory planning."""
+    """Latent grid of the model's default request (the T2V preset for video models, else the T2I one) for memory
+    planning."""
     sf, tf = model.spatial_factor, model.temporal_factor
-    if "t2v" in model.tasks or "i2v" in model.tasks:
-        return 1 + 32 // tf, 480 // sf, 848 // sf
-    return 1, 1024 // sf, 1024 // sf
+    width, height, frames = preset("t2v" if ("t2v" in model.tasks or "i2v" in model.tasks) else "t2i").size
+    return 1 + (frames - 1) // tf, height // sf, width // sf
 
 
 def _resolve_policy(model: GRNModel, policy: OffloadPolicy, device: torch.device, dtype: Optional[torch.dtype],
@@ -241,10 +263,15 @@ def _check_task(model: GRNModel, task: Optional[str]) -> str:
     task = (task or model.default_task()).lower()
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}'; use one of {', '.join(TASKS)}.")
+    if task == "i2v" and "i2v" not in model.tasks and model.layout == "joint":
+        # The official code lets any joint-layout refiner take a first frame; only one file was trained for it.
+        log.warning("%s was not trained for image-to-video (only %s was); running it anyway, as the official "
+                    "code allows — expect weaker results.", model.name or "this model", I2V_FILE)
+        return task
     if task not in model.tasks:
         raise ValueError(
             f"{model.name or 'this model'} does not do {task.upper()} (it does {', '.join(t.upper() for t in model.tasks)})."
-            + (" Image-to-video needs the 8B T2V/I2V file GRN_T2V_TITAN_FSA_sft10600_ema.pth." if task == "i2v" else "")
+            + (f" Image-to-video needs a joint-layout model; {I2V_FILE} was trained for it." if task == "i2v" else "")
         )
     return task
 
@@ -331,11 +358,6 @@ def latent_grid_for(model: GRNModel, width: int, height: int, frames: int) -> tu
     return 1 + (frames - 1) // tf, height // sf, width // sf
 
 
-def snap_size(width: int, height: int, factor: int = 16) -> tuple[int, int]:
-    """Nearest multiples of ``factor`` (at least one cell), the snapping the nodes show to the user."""
-    return max(factor, factor * round(width / factor)), max(factor, factor * round(height / factor))
-
-
 def encode_first_frame(model: GRNModel, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """I2V: an RGB image ``[3, H, W]`` or ``[1, 3, H, W]`` in [-1, 1] → clean bits ``[1, rounds*d, 1, h, w]``."""
     if image.dim() == 3:
@@ -363,22 +385,33 @@ def generate_tokens(
     first_frame: Optional[torch.Tensor] = None,
     callback: Optional[Callable[[StepInfo], Any]] = None,
     preview: bool = True,
+    first_frame_bits: Optional[torch.Tensor] = None,
 ) -> TokenResult:
-    """Run the refinement sampler for ``request``; I2V takes ``first_frame`` (an image in [-1, 1])."""
+    """Run the refinement sampler for ``request``.
+
+    I2V takes the first frame either as an image ``first_frame`` ``[3, H, W]`` in [-1, 1] at the request's size
+    (:func:`grn_core.request.prepare_first_frame` makes one from any picture), or as its tokens ``first_frame_bits``
+    ``[1, rounds*d, t, h, w]`` (e.g. from encoding an image; the first latent frame is used, no decode/encode trip).
+    """
     task = features.task
     if model.is_c2i:
         raise ValueError("class-to-image models take a class index, not a prompt: use generate_class_tokens.")
     grid = latent_grid_for(model, request.width, request.height, request.frames)
     if task == "t2i" and request.frames != 1:
         raise ValueError(f"text-to-image makes one frame, got frames={request.frames}; use a T2V model for video.")
-    first_frame_bits = None
+    given = first_frame is not None or first_frame_bits is not None
     if task == "i2v":
-        if first_frame is None:
+        if not given:
             raise ValueError("image-to-video needs a first frame image.")
+        if first_frame is not None and first_frame_bits is not None:
+            raise ValueError("give the first frame once: as an image or as its tokens, not both.")
         if grid[0] < 2:
             raise ValueError("image-to-video needs at least 5 frames (the given frame plus one latent frame).")
-        first_frame_bits = encode_first_frame(model, first_frame, request.width, request.height)
-    elif first_frame is not None:
+        if first_frame is not None:
+            first_frame_bits = encode_first_frame(model, first_frame, request.width, request.height)
+        else:
+            first_frame_bits = _first_latent_frame(model, first_frame_bits, grid)
+    elif given:
         raise ValueError(f"a first frame was given but the task is {task.upper()}; use task 'i2v' with an I2V model.")
     settings = request.settings or SamplerSettings.for_task(task)
     uncond = features.uncond
@@ -397,6 +430,20 @@ def generate_tokens(
             callback=callback, preview_fn=preview_fn,
         )
     return TokenResult(result.bits, result, task, request.width, request.height, request.frames)
+
+
+def _first_latent_frame(model: GRNModel, bits: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The first latent frame ``[1, rounds*d, 1, h, w]`` of encoded tokens, checked against the request's grid."""
+    expected = model.rounds * model.latent_channels
+    if not isinstance(bits, torch.Tensor) or bits.dim() != 5 or bits.shape[0] != 1 or bits.shape[1] != expected:
+        shape = tuple(bits.shape) if isinstance(bits, torch.Tensor) else type(bits).__name__
+        raise ValueError(f"the first-frame tokens have shape {shape}; expected [1, {expected}, t, h, w] bits from "
+                         "this model's tokenizer.")
+    if tuple(bits.shape[-2:]) != grid[1:]:
+        sf = model.spatial_factor
+        raise ValueError(f"the first-frame tokens are {bits.shape[-1]}x{bits.shape[-2]} cells but the video needs "
+                         f"{grid[2]}x{grid[1]}; encode the image at {grid[2] * sf}x{grid[1] * sf}.")
+    return bits[:, :, :1].to(torch.uint8)
 
 
 DECODE_OVERLAP = 4  # latent cells shared by neighbouring decode tiles; the tokenizer's tail sees ~4 cells around

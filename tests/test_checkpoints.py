@@ -16,7 +16,8 @@ from grn_core.checkpoints import (
     load_tokenizer,
     load_umt5,
 )
-from grn_core.convert import convert, main as convert_main
+from grn_core.cli import main as cli_main
+from grn_core.convert import convert
 from tests._golden import load_golden, rel_err
 
 
@@ -203,5 +204,5 @@ def test_convert_fp8_keeps_norms_in_16_bits(tmp_path):
 
 
 def test_convert_cli_reports_errors(tmp_path, capsys):
-    assert convert_main([str(tmp_path / "nope.pth"), str(tmp_path / "out.safetensors")]) == 2
+    assert cli_main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "out.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -50,7 +50,9 @@ def test_generate_writes_video_and_sidecar(released_like, tmp_path):
     assert sidecar["nfe"] == 6 and sidecar["steps"] == 3 and sidecar["seed"] == 3
     assert len(sidecar["entropy"]) == 3 and all(0.0 <= e <= 1.0 for e in sidecar["entropy"])
     assert sidecar["seconds"] > 0 and sidecar["model"].endswith("my_t2v.pth")
-    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == [f"step{i:03d}_states.png" for i in range(3)]
+    # every step's token-state map, and an RGB preview from the projection fitted for this tokenizer
+    expected = sorted(f"step{i:03d}_{kind}.png" for i in range(3) for kind in ("states", "rgb"))
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == expected
 
 
 def test_generate_mp4_is_reproducible(released_like, tmp_path):
@@ -63,9 +65,18 @@ def test_generate_mp4_is_reproducible(released_like, tmp_path):
     assert (a == b).all()
 
 
+def test_frames_floor_to_1_plus_4k_with_a_warning(released_like, tmp_path, capsys):
+    """As the nodes do (grn_core.request.plan_size): 6 frames become 5, said on stderr and in the sidecar."""
+    out = tmp_path / "x.gif"
+    assert _generate(released_like, out, "--frames", "8") == 0
+    assert "warning: making 48x32, 5 frames" in capsys.readouterr().err
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["frames"] == 5 and "asked" in sidecar["size_note"]
+
+
 def test_generate_errors_are_one_line(released_like, tmp_path, capsys):
-    assert _generate(released_like, tmp_path / "x.gif", "--frames", "6") == 2
-    assert "1 + 4k frames" in capsys.readouterr().err
+    assert _generate(released_like, tmp_path / "x.gif", "--frames", "0") == 2
+    assert "frames 0" in capsys.readouterr().err
     assert main(["generate", "--model", str(released_like["refiner"]), "--prompt", "a dot",
                  "--out", str(tmp_path / "x.gif")]) == 2
     assert "--tokenizer" in capsys.readouterr().err

@@ -128,9 +128,19 @@ def test_prompt_errors(model):
         encode_prompt(model, WordHashEncoder(dim=16), "a dot", task="t2v")
     with pytest.raises(ValueError, match="needs a text encoder"):
         encode_prompt(model, None, "a dot", task="t2v")
+    with pytest.raises(ValueError, match="unknown task"):
+        encode_prompt(model, WordHashEncoder(), "a dot", task="x2y")
+
+
+def test_i2v_on_a_joint_model_not_trained_for_it_runs_with_a_warning(model, caplog):
+    """The official code lets any joint-layout refiner take a first frame; we allow it too, and say so."""
     only_t2v = GRNModel(model.refiner, model.tokenizer, ("t2v",), name="t2v-only")
-    with pytest.raises(ValueError, match="does not do I2V"):
-        encode_prompt(only_t2v, WordHashEncoder(), "a dot", task="i2v")
+    with caplog.at_level("WARNING"):
+        feats = encode_prompt(only_t2v, WordHashEncoder(), "a dot", task="i2v")
+    assert feats.task == "i2v"
+    assert any("not trained for image-to-video" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="does not do T2I"):
+        encode_prompt(only_t2v, WordHashEncoder(), "a dot", task="t2i")
 
 
 def test_prompt_templates_follow_the_layout():

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..presets import LAYOUT_CAPS
+
 __all__ = [
     "KEEP_CAP",
     "LAYOUTS",
@@ -20,8 +22,7 @@ __all__ = [
 
 LAYOUTS = ("joint", "prefix")
 
-# Largest kept fraction the official sampling loop ever reaches: r_i = cap * (1 - cos(pi/2 * p)).
-KEEP_CAP = {"joint": 0.95, "prefix": 0.999}
+KEEP_CAP = LAYOUT_CAPS  # the official loop's largest kept fraction per layout (grn_core.presets)
 
 
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:

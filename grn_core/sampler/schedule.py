@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-LAYOUT_CAPS = {"joint": 0.95, "prefix": 0.999}
+from ..presets import LAYOUT_CAPS
 
 
 def layout_cap(layout: str) -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
+
+from ..presets import ADAPTIVE_RULES, BIT_TASKS, preset
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -24,16 +26,8 @@ class AdaptiveSteps:
     calibrated: bool = False  # False: placeholder numbers, to be calibrated on the released weights
 
 
-# The one place holding the adaptive-step constants of every family.
-# C2I: the released ImageNet evaluation (wp 5, k 700, b -620, Tmin 20, Tmax 50).
-# Bit models (T2I/T2V/I2V): the official loop never uses the rule (its demo passes k 0, b 50, i.e. always
-# 50 steps); the numbers below are PLACEHOLDERS, TO BE CALIBRATED: D = 90*H clipped to [15, 45].
-ADAPTIVE_DEFAULTS = {
-    "c2i": AdaptiveSteps(warmup=5, k=700.0, b=-620.0, min_steps=20, calibrated=True),
-    "t2i": AdaptiveSteps(warmup=5, k=90.0, b=0.0, min_steps=20, calibrated=False),
-    "t2v": AdaptiveSteps(warmup=5, k=90.0, b=0.0, min_steps=20, calibrated=False),
-    "i2v": AdaptiveSteps(warmup=5, k=90.0, b=0.0, min_steps=20, calibrated=False),
-}
+# The adaptive-step rule of every family, from the one place holding the presets (grn_core.presets).
+ADAPTIVE_DEFAULTS = {task: AdaptiveSteps(**rule) for task, rule in ADAPTIVE_RULES.items()}
 
 
 def _coerce_adaptive(obj) -> None:
@@ -77,11 +71,11 @@ class SamplerSettings:
     preview_every: call ``preview_fn`` every this many steps (and on the last one).
     """
 
-    steps: int = 50
-    guidance: float = 3.0
-    temperature: float = 1.0
-    shift: float = 1.0
-    cfg_interval: float = 0.0
+    steps: int = preset("t2v").steps  # the plain dataclass is the T2V demo's settings
+    guidance: float = preset("t2v").guidance
+    temperature: float = preset("t2v").temperature
+    shift: float = preset("t2v").shift
+    cfg_interval: float = preset("t2v").cfg_interval
     cap: Optional[float] = None
     adaptive: Optional[AdaptiveSteps] = None
     adaptive_temperature: bool = False
@@ -96,13 +90,16 @@ class SamplerSettings:
         return cls(**data)
 
     @classmethod
-    def for_task(cls, task: str, adaptive: bool = False, **overrides) -> "SamplerSettings":
-        """Official defaults of a task ("t2i": w 3.0, tau 1.1; "t2v"/"i2v": w 3.0, tau 1.0; 50 steps)."""
-        task = task.lower()
-        if task not in TASK_DEFAULTS:
-            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_DEFAULTS)}")
-        base = dict(TASK_DEFAULTS[task])
-        if adaptive:
+    def for_task(cls, task: str, adaptive: Union[bool, AdaptiveSteps] = False, **overrides) -> "SamplerSettings":
+        """The official demo's settings of a bit task (``grn_core.presets``: "t2i" w 3.0, tau 1.1; "t2v"/"i2v"
+        w 3.0, tau 1.0; 50 steps), with ``overrides``. ``adaptive``: True for the family's rule, or a rule."""
+        task = str(task).lower()
+        if task not in BIT_TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {list(BIT_TASKS)} (C2I: C2ISettings)")
+        base = preset(task).sampler_values()
+        if isinstance(adaptive, AdaptiveSteps):
+            base["adaptive"] = adaptive
+        elif adaptive:
             base["adaptive"] = ADAPTIVE_DEFAULTS[task]
         base.update(overrides)
         return cls(**base)
@@ -134,10 +131,10 @@ class C2ISettings:
     adaptive_temperature: the official complexity-aware rule scales tau by ``clip((D-10)/40+0.5, 0.5, 1)``.
     """
 
-    steps: int = 50
-    guidance: float = 2.35
-    temperature: float = 1.31
-    interval: Tuple[float, float] = (0.44, 1.0)
+    steps: int = preset("c2i").steps
+    guidance: float = preset("c2i").guidance
+    temperature: float = preset("c2i").temperature
+    interval: Tuple[float, float] = preset("c2i").interval
     adaptive: Optional[AdaptiveSteps] = None
     adaptive_temperature: bool = True
     preview_every: int = 1
@@ -167,9 +164,3 @@ class C2ISettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-TASK_DEFAULTS = {
-    "t2i": dict(steps=50, guidance=3.0, temperature=1.1),
-    "t2v": dict(steps=50, guidance=3.0, temperature=1.0),
-    "i2v": dict(steps=50, guidance=3.0, temperature=1.0),
-}

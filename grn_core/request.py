@@ -1,0 +1,212 @@
+"""From what a user asks for to what the pipeline runs: sizes, frames, sampler settings, the first frame.
+
+Every face (the command line, the Python API, the ComfyUI nodes) resolves a request here, so the same widgets,
+flags or arguments give the same bits:
+
+* ``plan_size`` — width/height (or a resolution bucket + aspect) snapped to the tokenizer grid, frames (or a
+  duration) floored to ``1 + 4k`` as the official code does (``F = min(81, int(duration * 16 + 1))`` frames give
+  ``(F - 1) // 4 + 1`` latent frames), with a note saying what was changed;
+* ``resolve_settings`` — the task's official preset (``grn_core.presets``) with the caller's overrides; adaptive
+  steps use the model's own calibrated rule, else the family's, unless the caller gives a rule or k/b explicitly;
+* ``prepare_first_frame`` — the official I2V image preparation: cover-resize with LANCZOS so the image covers the
+  target (the side that is short gets the target size, the other ``round(target * aspect)``), centre crop (offsets
+  floored), then ``x / 255 * 2 - 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from .presets import ADAPTIVE_RULES, FPS, MAX_FRAMES, preset
+from .refiner.buckets import BUCKET_SIDES, VAE_STRIDE, pixel_size
+from .sampler import AdaptiveSteps, C2ISettings, SamplerSettings
+
+# Largest latent cells per frame the released models were trained on (the 2M bucket: 90 x 90).
+MAX_LATENT_CELLS = max(BUCKET_SIDES.values()) ** 2
+
+
+def frames_for_duration(duration: float, temporal_factor: int = 4) -> int:
+    """Frames of a clip of ``duration`` seconds as the official pipeline makes it: ``F = min(81, int(d * 16 + 1))``,
+    of which the causal tokenizer uses ``1 + 4 * ((F - 1) // 4)`` (0 s: an image)."""
+    if not math.isfinite(float(duration)) or duration < 0:
+        raise ValueError(f"duration {duration!r} s must be a finite number >= 0 (0 makes an image).")
+    return snap_frames(min(MAX_FRAMES, int(duration * FPS + 1)), temporal_factor)
+
+
+def snap_frames(frames: int, temporal_factor: int = 4) -> int:
+    """The largest ``1 + k * temporal_factor`` frame count not above ``frames`` (the official floor; >= 1)."""
+    return 1 + max(0, (int(frames) - 1) // temporal_factor) * temporal_factor
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """The output size a request resolves to, and what was changed to get there (``note``)."""
+
+    width: int
+    height: int
+    frames: int
+    snapped: bool
+    note: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.width}x{self.height}" + (f", {self.frames} frames" if self.frames > 1 else "")
+
+
+def default_size(model: Any, task: str) -> tuple[int, int, int]:
+    """(width, height, frames) a model makes when nothing is asked: its file's native size, else the task's preset."""
+    width, height, frames = preset(task).size
+    defaults = getattr(model, "defaults", None) or {}
+    frames = defaults.get("frames", frames) if task in ("t2v", "i2v") else 1
+    return int(defaults.get("width", width)), int(defaults.get("height", height)), int(frames)
+
+
+def negative_prompt(model: Any, task: str, negative: Optional[str] = None) -> str:
+    """The negative prompt of a request: ``negative`` when given (``""`` means none), else the model's default
+    (a file may say what it was trained with, as the tiny model's does), else the task's preset (the official demo's:
+    empty for T2I, its quality list for T2V/I2V)."""
+    if negative is not None:
+        return negative
+    defaults = getattr(model, "defaults", None) or {}
+    return str(defaults.get("negative", preset(task).negative))
+
+
+def plan_size(model: Any, task: str, width: Optional[int] = None, height: Optional[int] = None,
+              frames: Optional[int] = None, duration: float = 0.0, resolution: Optional[str] = None,
+              h_over_w: Optional[float] = None, max_latent_cells: int = MAX_LATENT_CELLS) -> SizePlan:
+    """The size the sampler will make for ``task``.
+
+    ``width`` / ``height`` / ``frames`` left ``None`` take the model's default size; a ``resolution`` bucket
+    (``"0.41M"`` …) with ``h_over_w`` (default: height / width) replaces width/height by the bucket's trained size;
+    ``duration`` > 0 replaces frames. Sizes snap to the nearest multiple of the tokenizer's stride, frames floor to
+    ``1 + 4k`` (text-to-image and class-to-image make one frame, image-to-video at least 5).
+    """
+    sf, tf = int(model.spatial_factor), int(model.temporal_factor)
+    base_w, base_h, base_f = default_size(model, task)
+    width = base_w if width is None else width
+    height = base_h if height is None else height
+    frames = base_f if frames is None else frames
+    for name, value in (("width", width), ("height", height), ("frames", frames)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+            raise ValueError(f"{name} {value!r} must be a positive number.")
+    if resolution not in (None, "custom"):
+        ratio = float(h_over_w) if h_over_w is not None else height / width
+        out_h, out_w = pixel_size(resolution, ratio)
+        out_h, out_w = out_h // VAE_STRIDE * sf, out_w // VAE_STRIDE * sf  # keep the bucket's latent grid
+    else:
+        if h_over_w is not None:
+            height = width * float(h_over_w)
+        out_w, out_h = max(sf, sf * round(width / sf)), max(sf, sf * round(height / sf))
+    cells = (out_w // sf) * (out_h // sf)
+    if cells > max_latent_cells:
+        side = math.isqrt(max_latent_cells) * sf
+        raise ValueError(f"{out_w}x{out_h} is {cells} latent cells per frame, beyond the largest trained bucket "
+                         f"({max_latent_cells} cells, about {side}x{side}); lower width/height or pick a bucket.")
+    if duration and duration > 0:
+        frames = frames_for_duration(duration, tf)
+    out_frames = 1 if task in ("t2i", "c2i") else snap_frames(frames, tf)
+    if task == "i2v":
+        out_frames = max(out_frames, 1 + tf)
+    asked = (int(width), int(round(height)), int(frames))
+    snapped = (out_w, out_h, out_frames) != asked
+    note = f"{out_w}x{out_h}" + (f", {out_frames} frames" if out_frames > 1 else "")
+    if snapped:
+        note += f" (asked {asked[0]}x{asked[1]}" + (f", {asked[2]} frames" if asked[2] != out_frames else "") + ")"
+    return SizePlan(out_w, out_h, out_frames, snapped, note)
+
+
+def model_rule(model: Any, task: str) -> AdaptiveSteps:
+    """The adaptive-step rule a model runs by default: its own calibrated one (in its file), else its family's."""
+    own = getattr(model, "adaptive", None)
+    if isinstance(own, AdaptiveSteps) and own.calibrated:
+        return own
+    return AdaptiveSteps(**ADAPTIVE_RULES[task])
+
+
+def resolve_settings(model: Any, task: str, *, steps: Optional[int] = None, guidance: Optional[float] = None,
+                     temperature: Optional[float] = None, shift: Optional[float] = None,
+                     cfg_interval: Optional[float] = None, adaptive: Optional[bool] = None,
+                     rule: Optional[AdaptiveSteps] = None, warmup: Optional[int] = None,
+                     min_steps: Optional[int] = None, k: Optional[float] = None,
+                     b: Optional[float] = None) -> Union[SamplerSettings, C2ISettings]:
+    """Sampler settings for a request: the task's preset, then every argument that is not ``None``.
+
+    ``adaptive``: None takes the preset's (off); when on, the rule is ``rule`` if given, else :func:`model_rule`,
+    with ``warmup`` / ``min_steps`` / ``k`` / ``b`` replacing its numbers where given (an explicit override). Those
+    four without ``adaptive`` on are refused rather than ignored.
+    """
+    base = preset(task)
+    adaptive = base.adaptive if adaptive is None else bool(adaptive)
+    tweaks = {name: value for name, value in (("warmup", warmup), ("min_steps", min_steps), ("k", k), ("b", b))
+              if value is not None}
+    if not adaptive and (tweaks or rule is not None):
+        raise ValueError(f"adaptive-step settings ({', '.join(tweaks) or 'rule'}) were given with adaptive steps "
+                         "off; switch adaptive steps on, or drop them.")
+    chosen = None
+    if adaptive:
+        chosen = rule if rule is not None else model_rule(model, task)
+        if tweaks:
+            fields = {**chosen.__dict__, **tweaks, "calibrated": False}
+            chosen = AdaptiveSteps(**fields)
+    values = {**base.sampler_values(), "adaptive": chosen}
+    overrides = {"steps": steps, "guidance": guidance, "temperature": temperature}
+    if task == "c2i":
+        if shift is not None or cfg_interval is not None:
+            raise ValueError("class-to-image has no shift or guidance-from setting (its guidance interval is "
+                             f"{base.interval}); drop them.")
+    else:
+        overrides.update(shift=shift, cfg_interval=cfg_interval)
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    settings_class = C2ISettings if task == "c2i" else SamplerSettings
+    return settings_class(**values).validate()
+
+
+def _to_uint8_rgb(image: Any) -> np.ndarray:
+    """A PIL image, a uint8 array ``[H, W, 3]`` or a float tensor/array ``[H, W, 3]`` in [0, 1] → uint8 ``[H, W, 3]``.
+
+    Floats are rounded back to bytes: images loaded by ComfyUI are ``byte / 255`` and must come back unchanged.
+    """
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
+        raise ValueError(f"the first frame must be one RGB image [H, W, 3], got shape {tuple(array.shape)}.")
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("the first frame has NaN or infinite pixels.")
+    return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+
+
+def prepare_first_frame(image: Any, width: int, height: int) -> torch.Tensor:
+    """The official I2V preparation of a first frame → ``[3, height, width]`` float32 in [-1, 1].
+
+    Cover-resize with LANCZOS: when the image is relatively taller than the target (``w/h <= W/H``) it becomes
+    ``W x round(W * h / w)``, else ``round(H * w / h) x H``; then the centre ``W x H`` is cut out (offsets floored).
+    """
+    from PIL import Image
+
+    pixels = _to_uint8_rgb(image)
+    h, w = pixels.shape[:2]
+    if (h, w) != (height, width):
+        if w / h <= width / height:
+            size = (width, int(np.round(width / (w / h))))
+        else:
+            size = (int(np.round((w / h) * height)), height)
+        resized = np.asarray(Image.fromarray(pixels).resize(size, resample=Image.LANCZOS))
+        top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+        pixels = resized[top:top + height, left:left + width]
+    frame = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
+    return frame * 2 - 1
+
+
+__all__ = ["MAX_LATENT_CELLS", "SizePlan", "default_size", "frames_for_duration", "model_rule", "negative_prompt",
+           "plan_size",
+           "prepare_first_frame", "resolve_settings", "snap_frames"]
