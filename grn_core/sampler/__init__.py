@@ -9,7 +9,8 @@ Typical use::
 
 Modules: ``schedule`` (kept-fraction formulas), ``settings`` (settings, defaults, validation), ``step`` (torch
 reference of one fused step), ``triton_step`` (its Triton kernel), ``loop`` / ``c2i_loop`` (the loops),
-``states`` / ``events`` (callback payloads and results), ``preview`` (latent -> RGB projection).
+``running`` (the rows still running, retired together), ``states`` / ``events`` (callback payloads and
+results), ``preview`` (latent -> RGB projection).
 """
 
 from .c2i_loop import sample_c2i

@@ -1,4 +1,6 @@
-"""Bookkeeping shared by the bit and the C2I loops: seeds, per-sample statistics, callbacks, batch rows."""
+"""Bookkeeping shared by the bit and the C2I loops: seeds, per-sample statistics, callbacks and their payload.
+
+The rows still running (and their retirement) are in ``running``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .events import SamplingInterrupted, SamplingResult, StepInfo
+from .states import StateCounts, count_states, downsample_state_map
 
 SEED_MODULUS = 1 << 64
 
@@ -42,6 +45,24 @@ def call_callback(callback: Optional[Callable[[StepInfo], Any]], info: StepInfo)
         return callback(info) is not False
     except SamplingInterrupted:
         return False
+
+
+def make_step_info(step: int, ids: Sequence[int], totals: Sequence[int], entropy: Sequence[float],
+                   fraction: Sequence[float], guided: Sequence[bool], bit_counts: torch.Tensor,
+                   token_states: torch.Tensor, preview: Any, seconds: float) -> StepInfo:
+    """The callback payload of one step (one entry per running row).
+
+    ``bit_counts``: CPU ``[R, 4]`` counts of FILL, KEEP, ERASE, BLANK over the row's bits (or labels);
+    ``token_states``: uint8 ``[R, t, h, w]`` plurality state per token, counted here and thinned for display.
+    """
+    rows = len(ids)
+    return StepInfo(
+        step=step, total_steps=max(totals), sample_ids=tuple(ids), total_steps_per_sample=tuple(totals),
+        entropy=tuple(entropy), kept_fraction=tuple(fraction), guided=tuple(guided),
+        bit_counts=tuple(StateCounts.from_row(r) for r in bit_counts.long().tolist()),
+        token_counts=tuple(StateCounts.from_row(r) for r in count_states(token_states, rows).tolist()),
+        token_states=downsample_state_map(token_states), preview=preview, seconds=seconds,
+    )
 
 
 class RunLedger:

@@ -19,22 +19,27 @@ Per step i, for every running sample (rows of the batch):
 * adaptive steps (optional): as the official C2I rule, the mean entropy of the conditional prediction of
   step ``i = warmup`` (after ``warmup`` refinement steps) decides each sample's remaining ``D`` steps, that
   step being the first of them (total ``warmup + D``; schedule in ``schedule``); a finished sample leaves
-  the batch (its rows are sliced out, so later calls pass fewer rows to the refiner).
+  the batch (``running.RunningBatch`` slices its rows out, so later calls pass fewer rows to the refiner).
+
+Code: ``sample_bits`` = ``_validate`` (every check before any work) -> ``_prepare`` (Z, x_0, r_0 as columns of
+the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advance``, ``_report``, retirement)
+-> ``_finish`` (the stored final samples, I2V first frame prepended).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bookkeeping import RunLedger, call_callback, draw_uniforms, make_generators, sample_seeds
+from .bookkeeping import RunLedger, call_callback, draw_uniforms, make_step_info, sample_seeds
 from .events import SamplingResult, StepInfo
-from .schedule import (adaptive_temperature_factor, bit_keep_fraction, decide_remaining_steps, layout_cap)
+from .running import RunningBatch, decide_steps, planned_steps, preview_due, row_temperatures
+from .schedule import bit_keep_fraction, layout_cap
 from .settings import SamplerSettings
-from .states import StateCounts, count_states, downsample_state_map
-from .step import fused_step, mean_bit_entropy
+from .step import StepOutput, fused_step, mean_bit_entropy
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,44 @@ def _check_first_frame(first_frame_bits: torch.Tensor, batch_size: int, bits: in
         raise ValueError("first_frame_bits holds values outside {0, 1}; pass HBQ bit labels, not index labels")
 
 
+@dataclass(frozen=True)
+class _BitPlan:
+    """What ``_validate`` fixed for the whole run: model, settings, sizes of the bit map, text, kernel."""
+
+    refiner: Any
+    settings: SamplerSettings
+    cap: float                  # largest kept fraction (the layout's, or settings.cap)
+    n_bits: int                 # D = rounds * latent_channels bits per token
+    t_gen: int                  # generated latent frames (I2V: t - 1, the first one is given)
+    h: int
+    w: int
+    aspect_ratio: float
+    branch_c: TextBranch
+    branch_u: Optional[TextBranch]
+    first_frame_bits: Optional[torch.Tensor]
+    seeds: List[int]
+    device: torch.device
+    use_triton: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.t_gen * self.h * self.w
+
+
+@dataclass
+class _BitRun:
+    """A run in progress: the running rows and the index of the next step.
+
+    Columns of ``batch``: ``z`` (Z), ``x`` (x_i), ``kept`` (bool mask of x_i's kept bits), all uint8/bool
+    ``[R, T, D]``; ``fraction`` (r_i) and ``remaining`` (D, None until decided) lists; I2V: ``first``.
+    """
+
+    batch: RunningBatch
+    use_triton: bool            # off for the rest of the run once the Triton kernel failed under kernel="auto"
+    step: int = 0
+    interrupted: bool = False
+
+
 @torch.no_grad()
 def sample_bits(
     refiner: Any,
@@ -180,6 +223,19 @@ def sample_bits(
     Returns:
         ``SamplingResult`` with ``bits`` uint8 ``[B, rounds*d, t, h, w]`` (I2V: given frame first).
     """
+    plan = _validate(refiner, text_cond, text_uncond, grid, batch_size, seed, settings, aspect_ratio,
+                     first_frame_bits, device)
+    run = _prepare(plan)
+    while run.batch:
+        _step(plan, run, callback, preview_fn)
+    return _finish(plan, run)
+
+
+def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], grid: Tuple[int, int, int],
+              batch_size: int, seed: Optional[int], settings: Optional[SamplerSettings],
+              aspect_ratio: Optional[float], first_frame_bits: Optional[torch.Tensor],
+              device: Optional[torch.device]) -> _BitPlan:
+    """Check every argument before any work (a bad input never costs a model call) and fix the run's sizes."""
     settings = (settings or SamplerSettings()).validate()
     config = refiner.config
     cap = settings.cap if settings.cap is not None else layout_cap(_config_value(config, "layout"))
@@ -197,7 +253,6 @@ def sample_bits(
             raise ValueError(f"I2V needs grid t >= 2 (the given first latent frame plus generated ones), got t={t_all}; "
                              "use 2 s of video (33 frames -> 9 latent frames)")
         _check_first_frame(first_frame_bits, batch_size, n_bits, h, w)
-    t_gen = t_all - (1 if first_frame_bits is not None else 0)
     shrinks = settings.adaptive is not None
     branch_c = TextBranch(refiner, "text_cond", text_cond, batch_size, text_channels, shrinks)
     branch_u = None
@@ -206,125 +261,149 @@ def sample_bits(
     elif settings.guidance != 1.0:
         raise ValueError(f"guidance={settings.guidance} needs text_uncond (negative-prompt features; the official "
                          "loop encodes the empty prompt ''); pass it or set guidance=1.0")
-    if aspect_ratio is None:
-        aspect_ratio = h / w
     seeds = sample_seeds(seed, batch_size)
     device = torch.device(device) if device is not None else model_device(refiner)
-    use_triton = resolve_kernel(settings.kernel, device)
+    return _BitPlan(
+        refiner=refiner, settings=settings, cap=cap, n_bits=n_bits,
+        t_gen=t_all - (1 if first_frame_bits is not None else 0), h=h, w=w,
+        aspect_ratio=aspect_ratio if aspect_ratio is not None else h / w, branch_c=branch_c, branch_u=branch_u,
+        first_frame_bits=first_frame_bits, seeds=seeds, device=device,
+        use_triton=resolve_kernel(settings.kernel, device),
+    )
 
-    # ---- everything validated: start the run ----
-    tokens = t_gen * h * w
-    ledger = RunLedger(seeds)
-    ids = list(range(batch_size))
-    gens = make_generators(seeds)
-    z = torch.stack([torch.randint(0, 2, (tokens, n_bits), generator=g, dtype=torch.uint8) for g in gens]).to(device)
-    x = z.clone()                                              # x_0 = Z
-    kept = torch.zeros_like(z, dtype=torch.bool)
-    fraction = [0.0] * batch_size                              # r_0 = 0
-    remaining: list = [None] * batch_size                      # D per running sample, once decided
-    first = None
-    if first_frame_bits is not None:
-        first = first_frame_bits.to(device=device, dtype=torch.uint8).expand(batch_size, -1, -1, -1, -1)
+
+def _prepare(plan: _BitPlan) -> _BitRun:
+    """Draw Z (each sample from its own generator, before any uniform of a step) and set x_0 = Z, r_0 = 0.
+
+    Everything per row is a column of the running batch, so finished rows leave all of it in one call; a new
+    per-row input of the step (a map to start from instead of Z, cells clamped to a source) is one more
+    column here and one more read in ``_step`` / ``_advance``.
+    """
+    batch = RunningBatch(RunLedger(plan.seeds))
+    rows = len(batch)
+    z = torch.stack([torch.randint(0, 2, (plan.tokens, plan.n_bits), generator=g, dtype=torch.uint8)
+                     for g in batch.generators]).to(plan.device)
+    batch["z"] = z
+    batch["x"] = z.clone()                                   # x_0 = Z
+    batch["kept"] = torch.zeros_like(z, dtype=torch.bool)    # nothing kept before step 0
+    batch["fraction"] = [0.0] * rows                         # r_0 = 0
+    batch["remaining"] = [None] * rows                       # D per row, once decided
+    if plan.first_frame_bits is not None:
+        first = plan.first_frame_bits.to(device=plan.device, dtype=torch.uint8)
+        batch["first"] = first.expand(rows, -1, -1, -1, -1)
+    for branch in (plan.branch_c, plan.branch_u):
+        if branch is not None:
+            batch.on_keep_rows(branch.keep_rows)             # a per-sample text follows its rows
+    return _BitRun(batch, plan.use_triton)
+
+
+def _step(plan: _BitPlan, run: _BitRun, callback: Optional[Callable[[StepInfo], Any]],
+          preview_fn: Optional[Callable[[torch.Tensor], Any]]) -> None:
+    """Step ``i = run.step`` of every running row: logits, adaptive decision (at ``i = warmup``), fused step,
+    report to the callback, and retirement of the rows that finished (or all of them, when stopped)."""
+    batch, settings = run.batch, plan.settings
+    guided = [settings.guidance != 1.0 and r >= settings.cfg_interval for r in batch["fraction"]]
+    cond, uncond = _logits(plan, run, with_uncond=any(guided))
     adaptive = settings.adaptive
-    interrupted = False
-    sample = z
+    if adaptive is not None and run.step == adaptive.warmup:
+        decide_steps(batch, mean_bit_entropy(cond).tolist(), adaptive, settings.steps)
+    out = _fused_step(plan, run, cond, uncond, guided)
+    del cond, uncond  # the logits are a step's largest tensors: free them before the callback runs
+    entropy, bit_counts = _advance(plan, run, out, branches=2 if any(guided) else 1)
+    totals = planned_steps(batch, settings)
+    if callback is not None:
+        info = _report(plan, run, out, entropy, guided, bit_counts, totals, preview_fn)
+        if not call_callback(callback, info):
+            run.interrupted = True
+    run.step += 1
+    batch.retire([run.interrupted or run.step >= total for total in totals], out.sample)
 
-    step = 0
-    while ids:
-        rows = len(ids)
-        guided = [settings.guidance != 1.0 and fraction[j] >= settings.cfg_interval for j in range(rows)]
-        with_uncond = any(guided)
-        bits_in = x.view(rows, t_gen, h, w, n_bits).permute(0, 4, 1, 2, 3).contiguous()
-        step_value = torch.tensor(fraction, dtype=torch.float32, device=device)
-        cond, uncond = refiner.step_logits(bits_in, step_value, branch_c.current(),
-                                           branch_u.current() if with_uncond else None,
-                                           aspect_ratio=aspect_ratio, first_frame_bits=first)
-        ledger.model_call(rows)
-        expected = (rows, t_gen, h, w, n_bits, 2)
-        if tuple(cond.shape) != expected or (with_uncond and (uncond is None or tuple(uncond.shape) != expected)):
-            raise ValueError(f"refiner.step_logits returned {tuple(cond.shape)} / "
-                             f"{None if uncond is None else tuple(uncond.shape)}; expected {expected}")
-        cond = cond.reshape(rows, tokens, n_bits, 2)
-        uncond = uncond.reshape(rows, tokens, n_bits, 2) if with_uncond else None
 
-        if adaptive is not None and step == adaptive.warmup:
-            entropy_now = mean_bit_entropy(cond).tolist()
-            for j, k in enumerate(ids):
-                remaining[j] = decide_remaining_steps(entropy_now[j], adaptive.k, adaptive.b, adaptive.warmup,
-                                                      adaptive.min_steps, settings.steps)
-                ledger.decision_entropy[k], ledger.remaining[k] = entropy_now[j], remaining[j]
+def _logits(plan: _BitPlan, run: _BitRun, with_uncond: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One refiner call on the running rows -> cond (and, when a row is guided, uncond) logits [R, T, D, 2].
 
-        warm = adaptive.warmup if adaptive is not None else None
-        keep_prob = [bit_keep_fraction(step, settings.steps, cap, settings.shift, warm, remaining[j]) for j in range(rows)]
-        tau = [settings.temperature * (adaptive_temperature_factor(remaining[j])
-                                       if settings.adaptive_temperature and remaining[j] is not None else 1.0)
-               for j in range(rows)]
-        weight = [settings.guidance if guided[j] else 1.0 for j in range(rows)]
-        uniforms = draw_uniforms(gens, (tokens, n_bits), device)
-        step_args = (cond, uncond, torch.tensor(weight, device=device), torch.tensor(tau, device=device),
-                     uniforms[0], uniforms[1], z, torch.tensor(keep_prob, dtype=torch.float32, device=device), kept, x)
-        try:
-            out = fused_step(*step_args, use_triton=use_triton)
-        except Exception as exc:  # a GPU/driver the kernel cannot compile for: "auto" falls back once, loudly
-            if not use_triton or settings.kernel != "auto":
-                raise
-            log.warning("Triton fused step failed (%s); using the torch reference for this run", exc)
-            use_triton = False
-            out = fused_step(*step_args)
-        del step_args
-        del cond, uncond, uniforms
-        sample, x, kept = out.sample, out.mixed, out.kept
+    The refiner sees x_i as bits ``[R, D, t, h, w]`` and each row's realised kept fraction r_i as its step
+    value. Without a guided row the unconditional branch is not computed at all.
+    """
+    batch = run.batch
+    rows = len(batch)
+    bits_in = batch["x"].view(rows, plan.t_gen, plan.h, plan.w, plan.n_bits).permute(0, 4, 1, 2, 3).contiguous()
+    step_value = torch.tensor(batch["fraction"], dtype=torch.float32, device=plan.device)
+    cond, uncond = plan.refiner.step_logits(bits_in, step_value, plan.branch_c.current(),
+                                            plan.branch_u.current() if with_uncond else None,
+                                            aspect_ratio=plan.aspect_ratio, first_frame_bits=batch.get("first"))
+    batch.ledger.model_call(rows)
+    expected = (rows, plan.t_gen, plan.h, plan.w, plan.n_bits, 2)
+    if tuple(cond.shape) != expected or (with_uncond and (uncond is None or tuple(uncond.shape) != expected)):
+        raise ValueError(f"refiner.step_logits returned {tuple(cond.shape)} / "
+                         f"{None if uncond is None else tuple(uncond.shape)}; expected {expected}")
+    flat = (rows, plan.tokens, plan.n_bits, 2)
+    return cond.reshape(flat), (uncond.reshape(flat) if with_uncond else None)
 
-        # one small device->host copy per step: entropy sums and bit state counts
-        stats = torch.cat([out.entropy_sum.view(rows, 1), out.state_counts.double()], dim=1).cpu()
-        n = float(tokens * n_bits)
-        entropy = (stats[:, 0] / n).tolist()
-        fraction = ((stats[:, 1] + stats[:, 2]) / n).tolist()   # kept = FILL + KEEP
-        ledger.record(ids, entropy, fraction, [2 if with_uncond else 1] * rows)
-        totals = [settings.steps if remaining[j] is None else adaptive.warmup + remaining[j] for j in range(rows)]
 
-        if callback is not None:
-            preview = None
-            last = any(step + 1 >= tot for tot in totals)
-            if preview_fn is not None and (step % settings.preview_every == 0 or last):
-                preview = preview_fn(sample.view(rows, t_gen, h, w, n_bits).permute(0, 4, 1, 2, 3))
-            info = StepInfo(
-                step=step, total_steps=max(totals), sample_ids=tuple(ids), total_steps_per_sample=tuple(totals),
-                entropy=tuple(entropy), kept_fraction=tuple(fraction), guided=tuple(guided),
-                bit_counts=tuple(StateCounts.from_row(r[1:]) for r in stats.long().tolist()),
-                token_counts=tuple(StateCounts.from_row(r) for r in count_states(out.token_states, rows).tolist()),
-                token_states=downsample_state_map(out.token_states.view(rows, t_gen, h, w)),
-                preview=preview, seconds=ledger.seconds(),
-            )
-            if not call_callback(callback, info):
-                interrupted = True
-        del out
+def _fused_step(plan: _BitPlan, run: _BitRun, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                guided: List[bool]) -> StepOutput:
+    """Per-row w, tau and r_{i+1}, this step's uniforms (sampling, keep) and the fused step (``step``)."""
+    batch, settings, device = run.batch, plan.settings, plan.device
+    warm = settings.adaptive.warmup if settings.adaptive is not None else None
+    keep_prob = [bit_keep_fraction(run.step, settings.steps, plan.cap, settings.shift, warm, d)
+                 for d in batch["remaining"]]
+    weight = [settings.guidance if g else 1.0 for g in guided]
+    tau = row_temperatures(batch, settings)
+    uniforms = draw_uniforms(batch.generators, (plan.tokens, plan.n_bits), device)
+    args = (cond, uncond, torch.tensor(weight, device=device), torch.tensor(tau, device=device),
+            uniforms[0], uniforms[1], batch["z"], torch.tensor(keep_prob, dtype=torch.float32, device=device),
+            batch["kept"], batch["x"])
+    try:
+        return fused_step(*args, use_triton=run.use_triton)
+    except Exception as exc:  # a GPU/driver the kernel cannot compile for: "auto" falls back once, loudly
+        if not run.use_triton or settings.kernel != "auto":
+            raise
+        log.warning("Triton fused step failed (%s); using the torch reference for this run", exc)
+        run.use_triton = False
+        return fused_step(*args)
 
-        step += 1
-        done = [j for j in range(rows) if interrupted or step >= totals[j]]
-        for j in done:
-            ledger.finals[ids[j]] = sample[j].clone()  # own copy: frees the batch tensor later
-        if done:
-            stay = [j for j in range(rows) if j not in done]
-            index = torch.tensor(stay, dtype=torch.long, device=device)
-            ids = [ids[j] for j in stay]
-            gens = [gens[j] for j in stay]
-            fraction = [fraction[j] for j in stay]
-            remaining = [remaining[j] for j in stay]
-            if stay:
-                z, x, kept, sample = (v.index_select(0, index) for v in (z, x, kept, sample))
-                for branch in (branch_c, branch_u):
-                    if branch is not None:
-                        branch.keep_rows(stay)
-                if first is not None:
-                    first = first.index_select(0, index)
 
-    bits = torch.stack([ledger.finals[k] for k in range(batch_size)])
-    bits = bits.view(batch_size, t_gen, h, w, n_bits).permute(0, 4, 1, 2, 3)
-    if first_frame_bits is not None:
-        given = first_frame_bits.to(device=device, dtype=torch.uint8).expand(batch_size, -1, -1, -1, -1)
+def _advance(plan: _BitPlan, run: _BitRun, out: StepOutput, branches: int) -> Tuple[List[float], torch.Tensor]:
+    """Make the step the rows' state: x_{i+1}, its kept mask, and r_{i+1} = realised kept fraction (FILL + KEEP).
+
+    One small device->host copy per step (entropy sums and bit state counts). Returns each row's mean
+    entropy and the CPU ``[R, 4]`` bit state counts.
+    """
+    batch = run.batch
+    rows = len(batch)
+    batch["x"], batch["kept"] = out.mixed, out.kept
+    stats = torch.cat([out.entropy_sum.view(rows, 1), out.state_counts.double()], dim=1).cpu()
+    n = float(plan.tokens * plan.n_bits)
+    entropy = (stats[:, 0] / n).tolist()
+    batch["fraction"] = ((stats[:, 1] + stats[:, 2]) / n).tolist()
+    batch.ledger.record(batch.ids, entropy, batch["fraction"], [branches] * rows)
+    return entropy, stats[:, 1:]
+
+
+def _report(plan: _BitPlan, run: _BitRun, out: StepOutput, entropy: List[float], guided: List[bool],
+            bit_counts: torch.Tensor, totals: List[int],
+            preview_fn: Optional[Callable[[torch.Tensor], Any]]) -> StepInfo:
+    """The callback's ``StepInfo``; ``preview_fn`` sees the full sample ``[n, rounds*d, t_gen, h, w]`` when due."""
+    batch = run.batch
+    shape = (len(batch), plan.t_gen, plan.h, plan.w)
+    preview = None
+    if preview_fn is not None and preview_due(run.step, plan.settings.preview_every, totals):
+        preview = preview_fn(out.sample.view(*shape, plan.n_bits).permute(0, 4, 1, 2, 3))
+    return make_step_info(run.step, batch.ids, totals, entropy, batch["fraction"], guided, bit_counts,
+                          out.token_states.view(shape), preview, batch.ledger.seconds())
+
+
+def _finish(plan: _BitPlan, run: _BitRun) -> SamplingResult:
+    """Every sample's last full sample as ``[B, rounds*d, t, h, w]`` (I2V: the given first frame prepended)."""
+    ledger = run.batch.ledger
+    n = len(plan.seeds)
+    bits = torch.stack([ledger.finals[k] for k in range(n)])
+    bits = bits.view(n, plan.t_gen, plan.h, plan.w, plan.n_bits).permute(0, 4, 1, 2, 3)
+    if plan.first_frame_bits is not None:
+        given = plan.first_frame_bits.to(device=plan.device, dtype=torch.uint8).expand(n, -1, -1, -1, -1)
         bits = torch.cat([given, bits], dim=2)
-    return ledger.result(bits.contiguous(), interrupted)
+    return ledger.result(bits.contiguous(), run.interrupted)
 
 
 def official_keep_fractions(steps: int, cap: float, shift: float = 1.0) -> Sequence[float]:
