@@ -358,6 +358,20 @@ def latent_grid_for(model: GRNModel, width: int, height: int, frames: int) -> tu
     return 1 + (frames - 1) // tf, height // sf, width // sf
 
 
+def encode_clip(model: GRNModel, clip: torch.Tensor) -> torch.Tensor:
+    """RGB frames ``[1, 3, T, H, W]`` in [-1, 1] (T = 1 + 4k; :func:`grn_core.request.prepare_clip` makes them) →
+    their clean bits ``[1, rounds*d, t, h, w]`` on the CPU."""
+    if clip.dim() != 5 or clip.shape[:2] != (1, 3):
+        raise ValueError(f"expected one RGB clip [1, 3, T, H, W], got shape {tuple(clip.shape)}.")
+    lo, hi = float(clip.min()), float(clip.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"the frames span [{lo:.3g}, {hi:.3g}]; pass RGB scaled to [-1, 1] (x * 2 - 1 from [0, 1]).")
+    with model.stage(model.tokenizer), torch.inference_mode():
+        weight = next(model.tokenizer.parameters())
+        z = model.tokenizer.encode(clip.to(weight.device, weight.dtype))
+        return hbq.features_to_bits(z, model.rounds).cpu()
+
+
 def encode_first_frame(model: GRNModel, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """I2V: an RGB image ``[3, H, W]`` or ``[1, 3, H, W]`` in [-1, 1] → clean bits ``[1, rounds*d, 1, h, w]``."""
     if image.dim() == 3:
@@ -367,15 +381,9 @@ def encode_first_frame(model: GRNModel, image: torch.Tensor, width: int, height:
     if tuple(image.shape[-2:]) != (height, width):
         raise ValueError(
             f"the first frame is {image.shape[-1]}x{image.shape[-2]} but the video is {width}x{height}; "
-            "resize or crop the image to the video size first."
+            "prepare it with grn_core.request.prepare_first_frame (cover-resize and centre crop, as official)."
         )
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"the first frame spans [{lo:.3g}, {hi:.3g}]; pass RGB scaled to [-1, 1] (x * 2 - 1 from [0, 1]).")
-    with model.stage(model.tokenizer), torch.inference_mode():
-        weight = next(model.tokenizer.parameters())
-        z = model.tokenizer.encode(image.to(weight.device, weight.dtype))
-    return hbq.features_to_bits(z, model.rounds)
+    return encode_clip(model, image.unsqueeze(2))
 
 
 def generate_tokens(
@@ -444,6 +452,38 @@ def _first_latent_frame(model: GRNModel, bits: torch.Tensor, grid: tuple[int, in
         raise ValueError(f"the first-frame tokens are {bits.shape[-1]}x{bits.shape[-2]} cells but the video needs "
                          f"{grid[2]}x{grid[1]}; encode the image at {grid[2] * sf}x{grid[1] * sf}.")
     return bits[:, :, :1].to(torch.uint8)
+
+
+def refiner_stage_bytes(model: GRNModel, width: int, height: int, frames: int, task: str, guidance: float,
+                        text_tokens: int = 128) -> int:
+    """Device bytes the refiner stage still needs: its weights (unless they stay on the device between runs, offload
+    ``none``) plus one step's peak activations. Class-to-image steps are small next to the weights: weights only."""
+    resident = model.compute_device is not None and not model.offload.moves_models and \
+        model.compute_device.type != "cpu"
+    weights = 0 if resident else module_bytes(model.refiner)
+    if model.is_c2i:
+        return weights
+    sf, tf = model.spatial_factor, model.temporal_factor
+    t, h, w = 1 + (frames - 1) // tf, height // sf, width // sf
+    if task == "i2v":
+        t -= 1  # the refiner sees the given frame's tokens as a prefix, not as generated rows
+    storage, compute = _refiner_dtypes(model.refiner)
+    activations = refiner_step_bytes(model.refiner.config, (t, h, w), text_tokens=text_tokens,
+                                     branches=1 if float(guidance) == 1.0 else 2, compute=compute,
+                                     first_frame=task == "i2v", storage=storage)
+    return weights + activations
+
+
+def _refiner_dtypes(refiner: nn.Module) -> tuple[torch.dtype, torch.dtype]:
+    """(weight storage, matmul compute) dtypes of a loaded refiner."""
+    for module in refiner.modules():
+        if isinstance(module, Fp8Linear):
+            return module.fp8_dtype, module.compute_dtype
+    for module in refiner.modules():
+        if isinstance(module, nn.Linear):
+            return module.weight.dtype, module.weight.dtype
+    dtype = next(refiner.parameters()).dtype
+    return dtype, dtype
 
 
 DECODE_OVERLAP = 4  # latent cells shared by neighbouring decode tiles; the tokenizer's tail sees ~4 cells around

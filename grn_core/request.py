@@ -94,6 +94,12 @@ def plan_size(model: Any, task: str, width: Optional[int] = None, height: Option
     for name, value in (("width", width), ("height", height), ("frames", frames)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
             raise ValueError(f"{name} {value!r} must be a positive number.")
+    if h_over_w is not None and (isinstance(h_over_w, bool) or not isinstance(h_over_w, (int, float))
+                                 or not math.isfinite(h_over_w) or h_over_w <= 0):
+        raise ValueError(f"aspect {h_over_w!r} must be a positive height / width, e.g. 9/16 = 0.5625.")
+    if frames > MAX_FRAMES and not duration:
+        raise ValueError(f"frames {frames}: at most {MAX_FRAMES} ({MAX_FRAMES / FPS:g} s at {FPS} fps), the longest "
+                         "clip the released models were trained on; use fewer frames.")
     if resolution not in (None, "custom"):
         ratio = float(h_over_w) if h_over_w is not None else height / width
         out_h, out_w = pixel_size(resolution, ratio)
@@ -172,13 +178,19 @@ def _to_uint8_rgb(image: Any) -> np.ndarray:
     Floats are rounded back to bytes: images loaded by ComfyUI are ``byte / 255`` and must come back unchanged.
     """
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
         raise ValueError(f"the first frame must be one RGB image [H, W, 3], got shape {tuple(array.shape)}.")
     array = array[..., :3]
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.integer):  # byte values in a wider integer type
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"integer pixels must be 0..255, got {array.min()}..{array.max()}.")
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"the first frame has pixels of type {array.dtype}; pass uint8 or floats in [0, 1].")
     array = array.astype(np.float64)
     if not np.isfinite(array).all():
         raise ValueError("the first frame has NaN or infinite pixels.")
@@ -200,13 +212,31 @@ def prepare_first_frame(image: Any, width: int, height: int) -> torch.Tensor:
             size = (width, int(np.round(width / (w / h))))
         else:
             size = (int(np.round((w / h) * height)), height)
-        resized = np.asarray(Image.fromarray(pixels).resize(size, resample=Image.LANCZOS))
+        resized = np.array(Image.fromarray(pixels).resize(size, resample=Image.LANCZOS))  # writable copy
         top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
         pixels = resized[top:top + height, left:left + width]
     frame = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
     return frame * 2 - 1
 
 
+def prepare_clip(frames: Any, width: int = 0, height: int = 0, spatial_factor: int = 16,
+                 temporal_factor: int = 4) -> torch.Tensor:
+    """Frames of one clip ``[N, H, W, 3]`` (float in [0, 1] or uint8) → ``[1, 3, T, height, width]`` in [-1, 1] for
+    the tokenizer: each frame prepared as a first frame (:func:`prepare_first_frame`), ``T`` = ``N`` floored to
+    ``1 + 4k``. ``width`` / ``height`` 0: the frames' own size, floored to the tokenizer grid."""
+    if not hasattr(frames, "shape") or len(frames.shape) != 4 or frames.shape[-1] not in (3, 4) or frames.shape[0] < 1:
+        shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
+        raise ValueError(f"expected frames [N, H, W, 3], got shape {shape}.")
+    n, h, w = (int(v) for v in frames.shape[:3])
+    width = int(width) or max(spatial_factor, w // spatial_factor * spatial_factor)
+    height = int(height) or max(spatial_factor, h // spatial_factor * spatial_factor)
+    if width % spatial_factor or height % spatial_factor or width < 0 or height < 0:
+        raise ValueError(f"width/height must be multiples of {spatial_factor}, got {width}x{height}.")
+    count = snap_frames(n, temporal_factor)
+    clip = torch.stack([prepare_first_frame(frames[i], width, height) for i in range(count)], dim=1)
+    return clip.unsqueeze(0)
+
+
 __all__ = ["MAX_LATENT_CELLS", "SizePlan", "default_size", "frames_for_duration", "model_rule", "negative_prompt",
            "plan_size",
-           "prepare_first_frame", "resolve_settings", "snap_frames"]
+           "prepare_clip", "prepare_first_frame", "resolve_settings", "snap_frames"]

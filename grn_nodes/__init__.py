@@ -1,6 +1,8 @@
-"""ComfyUI nodes of ComfyUI-GRN.
+"""ComfyUI nodes of ComfyUI-GRN: thin adapters that translate sockets and widgets into ``grn_core`` calls.
 
-``logic`` (the work, plain Python over grn_core), ``model_files`` (model folders, file lists, downloads),
-``widget_events`` (the per-step widget message) import no ComfyUI module and are unit-tested without it;
-``comfy_nodes`` holds the V3 node classes and is imported only by the pack's ``__init__`` inside ComfyUI.
+One small module per node family — ``loading`` (Load GRN), ``prompting`` (Encode Prompt), ``sampling`` (Refine
+Sampler), ``frames`` (Decode Video, Encode Image), ``stats`` (Refine Stats) — plus ``errors`` (the node error
+path), ``model_files`` (model folders, file lists, downloads) and ``widget_events`` (the per-step widget message).
+None of them imports a ComfyUI module, so they are unit-tested without it; ``comfy_nodes`` holds the V3 node
+classes and is imported only by the pack's ``__init__`` inside ComfyUI (and by the tests, with stand-ins).
 """

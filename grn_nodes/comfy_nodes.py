@@ -1,6 +1,8 @@
 """The ComfyUI side of the GRN nodes (V3 schema): sockets, widgets, progress, devices — nothing else.
 
-All work happens in ``logic.py``; this module is only imported inside ComfyUI (``comfy_api.latest`` must exist).
+The work happens in the library (``grn_core``) through the small adapters beside this file (``loading``,
+``prompting``, ``sampling``, ``frames``, ``stats``); this module is only imported inside ComfyUI
+(``comfy_api.latest`` must exist). Widget defaults come from the official presets (``grn_core.presets``).
 ComfyUI's own modules (``folder_paths``, ``comfy.*``, ``server``) are imported where they are used, so the schemas
 can be read with a minimal stand-in for ``comfy_api.latest`` alone.
 """
@@ -11,13 +13,26 @@ from typing import Any, Optional
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import logic, model_files
+from grn_core.presets import ADAPTIVE_RULES as RULES
+from grn_core.presets import FPS, MAX_FRAMES, preset
+
+from . import model_files
+from .errors import ENCODE_PROMPT
+from .frames import decode_to_images, encode_images
+from .loading import LAYOUTS, OFFLOAD_POLICIES, WEIGHT_DTYPES, LoadedGRN, load_grn, on_device, tokenizer_for
+from .prompting import TASK_CHOICES, ClipPromptEncoder, GRNConditioning, encode_prompt_for, umt5_file_encoder
+from .sampling import (ADAPTIVE_RULES, ASPECTS, RESOLUTIONS, StepRecorder, build_settings, choose_task,
+                       describe_settings, first_frame_from_image, plan_size, preview_image, refiner_memory_bytes,
+                       run_sampler)
+from .stats import render_stats
 from .widget_events import EVENT_NAME
 
 CATEGORY = "GRN"
 GRN_MODEL = io.Custom("GRN_MODEL")
 GRN_CONDITIONING = io.Custom("GRN_CONDITIONING")
 GRN_TOKENS = io.Custom("GRN_TOKENS")
+T2V = preset("t2v")  # a new Refine Sampler starts with the official text-to-video demo's settings
+RULE = RULES["t2v"]  # the numbers the custom adaptive rule starts from
 
 
 def _folder_paths():
@@ -64,12 +79,12 @@ class GRNLoadModel(io.ComfyNode):
                                tooltip="Refiner file from models/grn or models/diffusion_models; 'tiny' is built in."),
                 io.Combo.Input("tokenizer", options=_list(model_files.tokenizer_choices), default=model_files.AUTO,
                                tooltip="HBQ tokenizer file; 'auto' picks the one that matches the refiner."),
-                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default",
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Refiner weight storage; 'default' is bf16 on GPUs. fp8 halves the weight "
                                        "memory (matmuls still run in bf16)."),
-                io.Combo.Input("layout", options=list(logic.LAYOUTS), default="auto",
+                io.Combo.Input("layout", options=list(LAYOUTS), default="auto",
                                tooltip="Attention layout: 'prefix' only for the first MGenAI T2I/T2V files."),
-                io.Combo.Input("offload", options=list(logic.OFFLOAD_POLICIES), default="auto",
+                io.Combo.Input("offload", options=list(OFFLOAD_POLICIES), default="auto",
                                tooltip="'auto': the least offload that fits the free GPU memory. 'none': keep every "
                                        "model on the GPU; 'model': each model on the GPU only for its stage; "
                                        "'blocks' / 'blocks:N': also stream all / the last N refiner blocks from the "
@@ -88,16 +103,16 @@ class GRNLoadModel(io.ComfyNode):
         folder_paths = _folder_paths()
         device = mm.get_torch_device()
         if refiner == model_files.TINY:
-            loaded = logic.load_grn(None, None, weight_dtype, layout, offload, device=device)
+            loaded = load_grn(None, None, weight_dtype, layout, offload, device=device)
         else:
             refiner_path = model_files.resolve_file(
                 folder_paths, refiner, (model_files.GRN_FOLDER,) + model_files.SHARED_FOLDERS, download_missing)
             if tokenizer == model_files.AUTO:
-                tokenizer_path = logic.tokenizer_for(refiner_path, tokenizer, folder_paths)
+                tokenizer_path = tokenizer_for(refiner_path, tokenizer, folder_paths)
             else:
                 tokenizer_path = model_files.resolve_file(folder_paths, tokenizer, (model_files.GRN_FOLDER,),
                                                           download_missing)
-            loaded = logic.load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload, device=device)
+            loaded = load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload, device=device)
         return io.NodeOutput(loaded)
 
 
@@ -113,8 +128,9 @@ class GRNEncodePrompt(io.ComfyNode):
             inputs=[
                 GRN_MODEL.Input("model"),
                 io.String.Input("prompt", multiline=True, default="a red circle moving right"),
-                io.String.Input("negative_prompt", multiline=True, default=""),
-                io.Combo.Input("task", options=list(logic.TASK_CHOICES), default="auto",
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Empty: the default below decides. Anything else is used as written."),
+                io.Combo.Input("task", options=list(TASK_CHOICES), default="auto",
                                tooltip="'auto' encodes for every task of the model; the sampler picks I2V when it "
                                        "gets a first frame."),
                 io.Boolean.Input("add_task_tag", default=True, tooltip="Prefix <T2I>/<T2V>/<I2V> as the model was "
@@ -123,25 +139,30 @@ class GRNEncodePrompt(io.ComfyNode):
                                tooltip="GRN's umt5-xxl file (needs umt5-xxl/tokenizer.json beside it); used when no "
                                        "CLIP is connected."),
                 io.Clip.Input("clip", optional=True, tooltip="umt5-xxl from CLIPLoader, type 'wan' (Wan's file)."),
+                io.Boolean.Input("default_negative", default=True, optional=True,
+                                 tooltip="With an empty negative prompt: use the official demos' negative prompt "
+                                         "(their quality list for T2V/I2V, none for T2I; models that say what they "
+                                         "were trained with, like tiny, use theirs). Off: an empty negative is "
+                                         "empty."),
             ],
             outputs=[GRN_CONDITIONING.Output(display_name="conditioning")],
         )
 
     @classmethod
-    def execute(cls, model: logic.LoadedGRN, prompt: str, negative_prompt: str, task: str, add_task_tag: bool,
-                umt5_file: str, clip: Any = None) -> io.NodeOutput:
+    def execute(cls, model: LoadedGRN, prompt: str, negative_prompt: str, task: str, add_task_tag: bool,
+                umt5_file: str, clip: Any = None, default_negative: bool = True) -> io.NodeOutput:
         if clip is not None:
-            encoder, source = logic.ClipPromptEncoder(clip), "clip"
+            encoder, source = ClipPromptEncoder(clip), "clip"
         elif umt5_file != model_files.NONE:
             path = model_files.resolve_file(_folder_paths(), umt5_file, model_files.TEXT_ENCODER_FOLDERS,
-                                            node=logic.ENCODE_PROMPT)
+                                            node=ENCODE_PROMPT)
             import comfy.model_management as mm
 
-            encoder, source = logic.umt5_file_encoder(path, device=mm.text_encoder_device()), "umt5 file"
+            encoder, source = umt5_file_encoder(path, device=mm.text_encoder_device()), "umt5 file"
         else:
             encoder, source = None, "built-in"
-        return io.NodeOutput(logic.encode_prompt_for(model, encoder, prompt, negative_prompt, task, add_task_tag,
-                                                     source))
+        return io.NodeOutput(encode_prompt_for(model, encoder, prompt, negative_prompt, task, add_task_tag, source,
+                                               default_negative))
 
 
 class GRNRefineSampler(io.ComfyNode):
@@ -156,73 +177,83 @@ class GRNRefineSampler(io.ComfyNode):
             inputs=[
                 GRN_MODEL.Input("model"),
                 GRN_CONDITIONING.Input("conditioning", optional=True),
-                io.Int.Input("width", default=848, min=16, max=4096, step=16),
-                io.Int.Input("height", default=480, min=16, max=4096, step=16),
-                io.Combo.Input("resolution", options=list(logic.RESOLUTIONS), default="custom",
+                io.Int.Input("width", default=T2V.width, min=16, max=4096, step=16),
+                io.Int.Input("height", default=T2V.height, min=16, max=4096, step=16),
+                io.Combo.Input("resolution", options=list(RESOLUTIONS), default="custom",
                                tooltip="'custom' uses width/height; a bucket uses its trained size at the aspect."),
-                io.Combo.Input("aspect", options=list(logic.ASPECTS), default="from width/height"),
-                io.Int.Input("frames", default=33, min=1, max=logic.MAX_FRAMES, step=1,
-                             tooltip="1 makes an image; videos use 1 + 4k frames (snapped)."),
-                io.Float.Input("duration", default=0.0, min=0.0, max=5.0, step=0.25,
-                               tooltip="Seconds at 16 fps; overrides frames when > 0."),
+                io.Combo.Input("aspect", options=list(ASPECTS), default="from width/height"),
+                io.Int.Input("frames", default=T2V.frames, min=1, max=MAX_FRAMES, step=1,
+                             tooltip="1 makes an image; videos use 1 + 4k frames (floored, as the official code)."),
+                io.Float.Input("duration", default=0.0, min=0.0, max=MAX_FRAMES / FPS, step=0.25,
+                               tooltip=f"Seconds at {FPS} fps; overrides frames when > 0."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=50, min=1, max=200),
-                io.Boolean.Input("adaptive_steps", default=False,
-                                 tooltip="Entropy-guided step count: after warm-up, D = k*H + b more steps."),
-                io.Int.Input("min_steps", default=20, min=2, max=200),
-                io.Int.Input("warmup", default=5, min=0, max=50),
-                io.Float.Input("adaptive_k", default=90.0, min=-10000.0, max=10000.0, step=1.0,
-                               tooltip="Steps per unit of entropy. Fit k and b for your model and prompts with "
-                                       "`python -m grn_core calibrate` (the tiny model's own rule is in its file)."),
-                io.Float.Input("adaptive_b", default=0.0, min=-10000.0, max=10000.0, step=1.0,
-                               tooltip="Offset of the rule D = k*H + b (see adaptive_k)."),
-                io.Float.Input("guidance", default=3.0, min=0.0, max=20.0, step=0.05),
-                io.Float.Input("guidance_interval", default=0.0, min=0.0, max=1.0, step=0.01,
+                io.Int.Input("steps", default=T2V.steps, min=1, max=200),
+                io.Boolean.Input("adaptive_steps", default=T2V.adaptive,
+                                 tooltip="Entropy-guided step count: after warm-up, D = k*H + b more steps, with the "
+                                         "model's own rule (see adaptive_rule)."),
+                io.Int.Input("min_steps", default=RULE["min_steps"], min=2, max=200,
+                             tooltip="Custom rule only: the fewest steps."),
+                io.Int.Input("warmup", default=RULE["warmup"], min=0, max=50,
+                             tooltip="Custom rule only: steps before the decision."),
+                io.Float.Input("adaptive_k", default=RULE["k"], min=-10000.0, max=10000.0, step=1.0,
+                               tooltip="Custom rule only: steps per unit of entropy. Fit k and b for your model "
+                                       "and prompts with `python -m grn_core calibrate`."),
+                io.Float.Input("adaptive_b", default=RULE["b"], min=-10000.0, max=10000.0, step=1.0,
+                               tooltip="Custom rule only: offset of D = k*H + b."),
+                io.Float.Input("guidance", default=T2V.guidance, min=0.0, max=20.0, step=0.05,
+                               tooltip="Official: 3.0 for T2I/T2V/I2V, 2.35 for class-to-image."),
+                io.Float.Input("guidance_interval", default=T2V.cfg_interval, min=0.0, max=1.0, step=0.01,
                                tooltip="Guide only once the kept fraction reaches this value (0 = every step)."),
-                io.Float.Input("temperature", default=1.0, min=0.05, max=5.0, step=0.01),
-                io.Float.Input("shift", default=1.0, min=0.05, max=10.0, step=0.05),
+                io.Float.Input("temperature", default=T2V.temperature, min=0.05, max=5.0, step=0.01,
+                               tooltip="Official: 1.0 for T2V/I2V, 1.1 for T2I, 1.31 for class-to-image."),
+                io.Float.Input("shift", default=T2V.shift, min=0.05, max=10.0, step=0.05),
                 io.Int.Input("class_index", default=0, min=0, max=999, tooltip="ImageNet class for C2I models."),
                 io.Image.Input("first_frame", optional=True, tooltip="I2V: the video's first frame."),
                 GRN_TOKENS.Input("first_frame_tokens", optional=True, tooltip="I2V: first frame from Encode Image."),
+                io.Combo.Input("adaptive_rule", options=list(ADAPTIVE_RULES), default="model", optional=True,
+                               tooltip="'model': the model's own rule (a calibrated one from its file, else the "
+                                       "documented default); 'custom': min_steps, warmup, adaptive_k, adaptive_b."),
             ],
             outputs=[GRN_TOKENS.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model: logic.LoadedGRN, width: int, height: int, resolution: str, aspect: str, frames: int,
+    def execute(cls, model: LoadedGRN, width: int, height: int, resolution: str, aspect: str, frames: int,
                 duration: float, seed: int, steps: int, adaptive_steps: bool, min_steps: int, warmup: int,
                 adaptive_k: float, adaptive_b: float, guidance: float, guidance_interval: float, temperature: float,
-                shift: float, class_index: int, conditioning: Optional[logic.GRNConditioning] = None,
-                first_frame: Any = None, first_frame_tokens: Any = None) -> io.NodeOutput:
+                shift: float, class_index: int, conditioning: Optional[GRNConditioning] = None,
+                first_frame: Any = None, first_frame_tokens: Any = None, adaptive_rule: str = "model") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
-        task = logic.choose_task(model, conditioning, first_frame is not None or first_frame_tokens is not None)
-        plan = logic.plan_size(model, width, height, frames, resolution, aspect, duration, task)
-        settings = logic.build_settings(task, steps, guidance, temperature, shift, guidance_interval,
-                                        adaptive_steps, min_steps, warmup, adaptive_k, adaptive_b)
+        task = choose_task(model, conditioning, first_frame is not None or first_frame_tokens is not None)
+        plan = plan_size(model, width, height, frames, resolution, aspect, duration, task)
+        settings = build_settings(model, task, steps, guidance, temperature, shift, guidance_interval,
+                                  adaptive_steps, min_steps, warmup, adaptive_k, adaptive_b, adaptive_rule)
         node_id = str(cls.hidden.unique_id) if cls.hidden is not None else ""
         bar = comfy.utils.ProgressBar(steps, node_id=node_id or None)
 
         def progress(step: int, total: int, rgb: Any) -> None:
-            preview = ("JPEG", logic.preview_image(rgb), 512) if rgb is not None else None
+            preview = ("JPEG", preview_image(rgb), 512) if rgb is not None else None
             bar.update_absolute(step, total, preview)  # also ComfyUI's interruption check
 
-        recorder = logic.StepRecorder(node=node_id, prompt_id=_prompt_id(),
-                                      size=(plan.width, plan.height, plan.frames), send=_sender(), progress=progress)
-        frame = logic.image_to_frame(first_frame, plan.width, plan.height) if first_frame is not None else None
+        recorder = StepRecorder(node=node_id, prompt_id=_prompt_id(), size=(plan.width, plan.height, plan.frames),
+                                send=_sender(), progress=progress)
+        frame = first_frame_from_image(first_frame, plan.width, plan.height) if first_frame is not None else None
         frame_bits = first_frame_tokens.bits if first_frame_tokens is not None and frame is None else None
         mm.throw_exception_if_processing_interrupted()
         # Our models are not ComfyUI's: ask it to unload its own (e.g. the text encoder) until the refiner fits.
         device = model.model.compute_device if model.model.compute_device is not None else mm.get_torch_device()
-        mm.free_memory(logic.refiner_memory_bytes(model, plan, task, settings, conditioning), device)
-        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
-            result = logic.run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
-                                       first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
+        mm.free_memory(refiner_memory_bytes(model, plan, task, settings, conditioning), device)
+        with on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+            result = run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
+                                 first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
         result.bits = result.bits.to(mm.intermediate_device())
+        note = f"{plan.note}; {describe_settings(settings)}"
         result.extras["size_note"] = plan.note
-        return io.NodeOutput(result, ui={"text": [plan.note]})
+        result.extras["settings_note"] = note
+        return io.NodeOutput(result, ui={"text": [note]})
 
 
 def _prompt_id() -> Optional[str]:
@@ -267,12 +298,12 @@ class GRNDecodeVideo(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: logic.LoadedGRN, tokens: Any, tile: int) -> io.NodeOutput:
+    def execute(cls, model: LoadedGRN, tokens: Any, tile: int) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
-            images = logic.decode_to_images(model, tokens, tile=tile)
-        return io.NodeOutput(images.to(mm.intermediate_device()), float(logic.FPS))
+        with on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+            images = decode_to_images(model, tokens, tile=tile)
+        return io.NodeOutput(images.to(mm.intermediate_device()), float(FPS))
 
 
 class GRNEncodeImage(io.ComfyNode):
@@ -293,11 +324,11 @@ class GRNEncodeImage(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: logic.LoadedGRN, image: Any, width: int, height: int) -> io.NodeOutput:
+    def execute(cls, model: LoadedGRN, image: Any, width: int, height: int) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        with logic.on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
-            tokens = logic.encode_images(model, image, width, height)
+        with on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+            tokens = encode_images(model, image, width, height)
         return io.NodeOutput(tokens)
 
 
@@ -315,7 +346,7 @@ class GRNRefineStats(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens: Any) -> io.NodeOutput:
-        return io.NodeOutput(logic.render_stats(tokens))
+        return io.NodeOutput(render_stats(tokens))
 
 
 NODES = [GRNLoadModel, GRNEncodePrompt, GRNRefineSampler, GRNDecodeVideo, GRNEncodeImage, GRNRefineStats]

@@ -10,43 +10,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from grn_core.models import TINY_DIR, tiny_available
+from grn_core.releases import BY_NAME, HF_REPO, OFFERED, released
 
 GRN_FOLDER = "grn"  # ComfyUI/models/grn
 SHARED_FOLDERS = ("diffusion_models",)  # also searched for refiner files
 TEXT_ENCODER_FOLDERS = (GRN_FOLDER, "text_encoders")
 MODEL_EXTENSIONS = frozenset({".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"})
-HF_REPO = "bytedance-research/GRN"
 TINY = "tiny"
 AUTO = "auto"
 NONE = "none"
+# The files offered in the loader's lists before they are downloaded: the release catalogue's (grn_core.releases).
+RELEASED_FILES = tuple(BY_NAME[name] for name in OFFERED)
 
-
-@dataclass(frozen=True)
-class ReleasedFile:
-    name: str
-    kind: str  # "refiner", "tokenizer", "c2i", "umt5"
-    latent_channels: int = 0  # refiners: channels of the tokenizer they need
-    tasks: tuple[str, ...] = ()
-    note: str = ""
-
-
-# The released files a user may pick before having them; refiners name the tokenizer they were trained with.
-RELEASED_FILES: tuple[ReleasedFile, ...] = (
-    ReleasedFile("GRN_T2I_2B_FSA_251600.pth", "refiner", 64, ("t2i",), "2B text-to-image"),
-    ReleasedFile("GRN_T2V_2B_FSA_sft147400_ema.pth", "refiner", 64, ("t2v",), "2B text-to-video"),
-    ReleasedFile("GRN_T2V_TITAN_FSA_sft10600_ema.pth", "refiner", 64, ("t2v", "i2v"), "8B text/image-to-video"),
-    ReleasedFile("GRN_T2I_titan_FSA_256x256.pth", "refiner", 64, ("t2i",), "8B text-to-image"),
-    ReleasedFile("GRN_T2I_2B.pth", "refiner", 64, ("t2i",), "first 2B text-to-image release (prefix layout)"),
-    ReleasedFile("GRN_T2V_2B.pth", "refiner", 64, ("t2v",), "first 2B text-to-video release (prefix layout)"),
-    ReleasedFile("GRN_ind_B_ep599.pth", "c2i", 16, ("c2i",), "class-to-image (ImageNet 256)"),
-    ReleasedFile("HBQ_image_video_tokenizer_64dim_M4_20260626.ckpt", "tokenizer", 64),
-    ReleasedFile("HBQ_image_tokenizer_16dim_M4.ckpt", "tokenizer", 16),
-    ReleasedFile("models_t5_umt5-xxl-enc-bf16.pth", "umt5"),
-)
-RELEASED = {f.name: f for f in RELEASED_FILES}
 
 # Tokenizer file names by latent channels, best first (glob-like patterns on the file name).
 TOKENIZER_PATTERNS = {
@@ -107,8 +86,9 @@ def umt5_choices(folder_paths: Any) -> list[str]:
 def _guess_kind(name: str) -> Optional[str]:
     """Kind of a file from its name alone (None: cannot tell, so it is offered everywhere it may fit)."""
     base = Path(name).name
-    if base in RELEASED:
-        return RELEASED[base].kind
+    entry = released(base)
+    if entry is not None:
+        return entry.kind
     low = base.lower()
     if low.startswith("hbq_") or "tokenizer" in low:
         return "tokenizer"
@@ -124,9 +104,8 @@ def _guess_kind(name: str) -> Optional[str]:
 def missing_file_message(name: str, folder_paths: Any = None, node: str = "Load GRN") -> str:
     """What to download and where to put it, for a file that is not on disk."""
     where = _grn_dirs(folder_paths)
-    released = RELEASED.get(Path(name).name)
     lines = [f"{node}: the file '{name}' is not in {where[0] if where else 'ComfyUI/models/grn'}."]
-    if released is not None:
+    if released(name) is not None:
         lines.append(f"Download it from the Hugging Face repository {HF_REPO} and put it in "
                      f"{where[0] if where else 'ComfyUI/models/grn'}/, or switch on 'download_missing' "
                      "(needs the huggingface_hub package).")
@@ -156,7 +135,7 @@ def resolve_file(folder_paths: Any, name: str, folders: Iterable[str], download:
             full = None
         if full and os.path.isfile(full):
             return Path(full)
-    if download and Path(name).name in RELEASED:
+    if download and released(name) is not None:
         dirs = _grn_dirs(folder_paths)
         if not dirs:
             raise ValueError(f"{node}: no models/grn folder is registered; cannot download '{name}'.")
@@ -186,28 +165,9 @@ def pick_tokenizer(latent_channels: int, candidates: Iterable[str]) -> Optional[
     return None
 
 
-def released_tokenizer(latent_channels: int) -> Optional[str]:
-    for f in RELEASED_FILES:
-        if f.kind == "tokenizer" and f.latent_channels == latent_channels:
-            return f.name
-    return None
-
-
 # ---- the built-in tiny model ----------------------------------------------------------------------------------------
 
-def tiny_dir() -> Path:
-    """Where the tiny model ships inside the library (``grn_core/assets/tiny/``)."""
-    import grn_core
-
-    return Path(grn_core.__file__).resolve().parent / "assets" / "tiny"
-
-
-def tiny_available() -> bool:
-    d = tiny_dir()
-    return (d / "refiner.safetensors").is_file() and (d / "tokenizer.safetensors").is_file()
-
-
 def tiny_missing_message(node: str = "Load GRN") -> str:
-    return (f"{node}: the built-in 'tiny' model is not part of this install yet ({tiny_dir()} has no "
+    return (f"{node}: the built-in 'tiny' model is not part of this install yet ({TINY_DIR} has no "
             "refiner.safetensors / tokenizer.safetensors). Update ComfyUI-GRN, or pick a released refiner file "
             "from models/grn.")

@@ -5,6 +5,7 @@ One JSON message per sampler step, at most ``MAX_EVENT_BYTES`` once serialised::
     {"v": 1, "node": "12", "prompt_id": "...", "step": 7, "total": 31, "planned": 50,
      "entropy": 0.41, "kept": 0.22, "guided": true, "decided": null,
      "counts": {"fill": 120, "keep": 300, "erase": 12, "blank": 600},
+     "colours": [[220, 120, 117], [88, 160, 227], [240, 180, 40], [128, 138, 151]],
      "size": [848, 480, 33],
      "map": {"t": 9, "h": 30, "w": 53, "bits": 2, "data": "<base64>"},
      "preview": {"t": 9, "cols": 3, "tile": [53, 30], "mime": "image/jpeg", "data": "<base64>"} | null}
@@ -26,11 +27,12 @@ from typing import Any, Optional
 
 import torch
 
+from grn_core.sampler.states import STATE_COLOURS, STATE_NAMES
+
 EVENT_NAME = "grn.refine"
 EVENT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 LOSSLESS_SHEET_PIXELS = 64 * 64  # sheets up to this size go as PNG (a few KB at most)
-STATE_NAMES = ("fill", "keep", "erase", "blank")
 MAX_MAP_SIDE = 64
 MAX_MAP_FRAMES = 32
 
@@ -130,6 +132,7 @@ def build_step_event(
         "planned": int(planned), "entropy": round(float(entropy), 5), "kept": round(float(kept), 5),
         "guided": bool(guided), "decided": None if decided is None else int(decided),
         "counts": {name: int(v) for name, v in zip(STATE_NAMES, counts)},
+        "colours": [list(c) for c in STATE_COLOURS],  # the widget paints the states in these (code order)
         "size": list(size) if size is not None else None, "map": None, "preview": None,
     }
     if token_states is not None:

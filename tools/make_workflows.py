@@ -16,29 +16,44 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the library importable
     sys.path.insert(0, str(ROOT))
 
-from grn_core.sampler import SamplerSettings  # noqa: E402
+from grn_core.models import load_tiny  # noqa: E402
+from grn_core.presets import ADAPTIVE_RULES, preset  # noqa: E402
+from grn_core.request import default_size  # noqa: E402
 
 OUT = ROOT / "workflows"
-# The tiny model's native size (its ``grn.defaults`` metadata: 32x32, 9 frames) and the library's t2v defaults,
-# imported so the shipped workflow follows them.
-TINY_SIZE = dict(width=32, height=32, frames=9)
-T2V_DEFAULTS = SamplerSettings.for_task("t2v")
 
 # Widget names of our nodes, in schema order (required inputs first, then optional ones).
 GRN_WIDGETS = {
     "GRNLoadModel": ["refiner", "tokenizer", "weight_dtype", "layout", "offload", "download_missing"],
-    "GRNEncodePrompt": ["prompt", "negative_prompt", "task", "add_task_tag", "umt5_file"],
+    "GRNEncodePrompt": ["prompt", "negative_prompt", "task", "add_task_tag", "umt5_file", "default_negative"],
     "GRNRefineSampler": ["width", "height", "resolution", "aspect", "frames", "duration", "seed",
                          "control_after_generate", "steps", "adaptive_steps", "min_steps", "warmup", "adaptive_k",
-                         "adaptive_b", "guidance", "guidance_interval", "temperature", "shift", "class_index"],
+                         "adaptive_b", "guidance", "guidance_interval", "temperature", "shift", "class_index",
+                         "adaptive_rule"],
     "GRNDecodeVideo": ["tile"],
     "GRNEncodeImage": ["width", "height"],
     "GRNRefineStats": [],
 }
-SAMPLER_DEFAULTS = dict(width=848, height=480, resolution="custom", aspect="from width/height", frames=33,
-                        duration=0.0, seed=42, control_after_generate="fixed", steps=50, adaptive_steps=False,
-                        min_steps=20, warmup=5, adaptive_k=90.0, adaptive_b=0.0, guidance=3.0,
-                        guidance_interval=0.0, temperature=1.0, shift=1.0, class_index=0)
+
+
+def sampler_preset(task: str) -> dict:
+    """The Refine Sampler's widget values for ``task``: the official preset (grn_core.presets), fixed steps, and
+    the family's adaptive numbers in the custom-rule widgets (used only with adaptive_rule 'custom')."""
+    p, rule = preset(task), ADAPTIVE_RULES[task]
+    values = dict(width=p.width, height=p.height, resolution="custom", aspect="from width/height", frames=p.frames,
+                  duration=0.0, seed=42, control_after_generate="fixed", steps=p.steps, adaptive_steps=p.adaptive,
+                  min_steps=rule["min_steps"], warmup=rule["warmup"], adaptive_k=rule["k"], adaptive_b=rule["b"],
+                  guidance=p.guidance, guidance_interval=p.cfg_interval, temperature=p.temperature, shift=p.shift,
+                  class_index=0, adaptive_rule="model")
+    return values
+
+
+def tiny_size() -> dict:
+    """The tiny model's native size, as its file says (``grn.defaults``)."""
+    width, height, frames = default_size(load_tiny(), "t2v")
+    return dict(width=width, height=height, frames=frames)
+
+
 # Sockets: (inputs [(name, type, is_widget_input)], outputs [(name, type)])
 SOCKETS = {
     "GRNLoadModel": ([], [("model", "GRN_MODEL")]),
@@ -101,8 +116,8 @@ class Graph:
                 "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def grn(type_: str, **values) -> list:
-    base = dict(SAMPLER_DEFAULTS) if type_ == "GRNRefineSampler" else {}
+def grn(type_: str, preset_task: str = "t2v", **values) -> list:
+    base = sampler_preset(preset_task) if type_ == "GRNRefineSampler" else {}
     base.update(values)
     return [base[name] for name in GRN_WIDGETS[type_]]
 
@@ -113,7 +128,8 @@ def loader(refiner: str) -> list:
 
 
 def prompt_node(text: str, task: str = "auto") -> list:
-    return grn("GRNEncodePrompt", prompt=text, negative_prompt="", task=task, add_task_tag=True, umt5_file="none")
+    return grn("GRNEncodePrompt", prompt=text, negative_prompt="", task=task, add_task_tag=True, umt5_file="none",
+               default_negative=True)
 
 
 FILES_NOTE = ("Files: put the GRN refiner and the HBQ tokenizer into ComfyUI/models/grn/ (refiners may also go in "
@@ -158,9 +174,7 @@ def tiny_t2v() -> Graph:
     load = g.add("GRNLoadModel", (40, 60), loader("tiny"))
     enc = g.add("GRNEncodePrompt", (40, 240), prompt_node("a red circle moving right", "t2v"))
     g.link(load, 0, enc, "model")
-    sampler = g.add("GRNRefineSampler", (480, 60), grn(
-        "GRNRefineSampler", **TINY_SIZE, steps=T2V_DEFAULTS.steps, adaptive_steps=False,
-        guidance=T2V_DEFAULTS.guidance, temperature=T2V_DEFAULTS.temperature))
+    sampler = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", "t2v", **tiny_size()))
     g.link(load, 0, sampler, "model")
     g.link(enc, 0, sampler, "conditioning")
     video_tail(g, load, sampler, 940, "grn/tiny_t2v")
@@ -176,7 +190,7 @@ def text_model(refiner: str, note: str, *, video: bool, task: str, prompt: str, 
     enc = g.add("GRNEncodePrompt", (40, 380), prompt_node(prompt, task))
     g.link(load, 0, enc, "model")
     g.link(clip, 0, enc, "clip")
-    s = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", **sampler))
+    s = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", task, **sampler))
     g.link(load, 0, s, "model")
     g.link(enc, 0, s, "conditioning")
     if first_frame:
@@ -192,13 +206,10 @@ def c2i() -> Graph:
                               "HBQ_image_tokenizer_16dim_M4.ckpt into ComfyUI/models/grn/ (Hugging Face "
                               "bytedance-research/GRN, or switch on 'download_missing'). No text encoder: set the "
                               "ImageNet class index on the sampler (207 = golden retriever). Settings are the "
-                              "released complexity-aware evaluation: guidance 2.35, temperature 1.31, adaptive "
-                              "steps k 700, b -620, 20..50 steps."])
+                              "released complexity-aware evaluation: guidance 2.35, temperature 1.31, guided while "
+                              "0.44 < t < 1, adaptive steps with the family rule (k 700, b -620, 20..50 steps)."])
     load = g.add("GRNLoadModel", (40, 60), loader("GRN_ind_B_ep599.pth"))
-    s = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", width=256, height=256, frames=1, steps=50,
-                                                adaptive_steps=True, min_steps=20, warmup=5, adaptive_k=700.0,
-                                                adaptive_b=-620.0, guidance=2.35, temperature=1.31,
-                                                class_index=207))
+    s = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", "c2i", adaptive_steps=True, class_index=207))
     g.link(load, 0, s, "model")
     image_tail(g, load, s, 940, "grn/c2i")
     return g
@@ -210,7 +221,7 @@ def workflows() -> dict[str, Graph]:
         "grn_t2i_2b.json": text_model(
             "GRN_T2I_2B_FSA_251600.pth", "GRN 2B text-to-image (1024x1024 bucket '1M').", video=False, task="t2i",
             prompt="a red fox in fresh snow, morning light, detailed fur",
-            sampler=dict(resolution="1M", aspect="1:1", width=1024, height=1024, frames=1, temperature=1.1)),
+            sampler=dict(resolution="1M", aspect="1:1")),
         "grn_t2v_2b.json": text_model(
             "GRN_T2V_2B_FSA_sft147400_ema.pth", "GRN 2B text-to-video (848x480, 33 frames at 16 fps).", video=True,
             task="t2v", prompt="a red fox running through fresh snow, tracking shot",

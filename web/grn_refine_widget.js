@@ -9,13 +9,8 @@ import { api } from "../../scripts/api.js";
 
 const NODE_CLASS = "GRNRefineSampler";
 const EVENT = "grn.refine";
-// The paper's colours for the four token states, in code order 0..3.
-const STATE_COLOURS = [
-  [220, 120, 117], // fill  (pink)
-  [88, 160, 227], // keep  (blue)
-  [240, 180, 40], // erase (yellow)
-  [128, 138, 151], // blank (gray)
-];
+// The paper's colours of the four token states (code order 0..3) come with every event ("colours"), from the one
+// place that holds them: grn_core/sampler/states.py.
 const STATE_NAMES = ["fill", "keep", "erase", "blank"];
 const WIDGET_HEIGHT = 300;
 const MAX_HISTORY = 400; // steps kept for scrubbing (each one is at most 64 KB)
@@ -138,6 +133,8 @@ class RefineView {
     }
     this._syncControls();
     const ev = entry.event;
+    const rgb = (c) => `rgb(${c[0]},${c[1]},${c[2]})`;
+    const [fillColour, keepColour] = ev.colours.map(rgb); // kept fraction in "keep" blue, step marker in "fill" pink
     const top = 34, spark = 40, stats = 14, legend = 16;
     const areaH = ch - top - stats - spark - legend - 8;
     const half = (cw - 12) / 2;
@@ -164,7 +161,7 @@ class RefineView {
       const img = ctx.createImageData(w, h);
       const offset = f * h * w;
       for (let i = 0; i < h * w; i++) {
-        const c = STATE_COLOURS[entry.codes[offset + i]];
+        const c = ev.colours[entry.codes[offset + i]];
         img.data[i * 4] = c[0];
         img.data[i * 4 + 1] = c[1];
         img.data[i * 4 + 2] = c[2];
@@ -196,7 +193,7 @@ class RefineView {
     // their values sit on a line above the box, coloured like the lines, so the plot stays clear
     const ys = top + areaH + 4 + 10;
     let sx = 6;
-    for (const [text, colour] of [[`entropy ${ev.entropy.toFixed(3)}`, "#fff"], [`kept ${(100 * ev.kept).toFixed(1)}% of bits`, "rgb(88,160,227)"]]) {
+    for (const [text, colour] of [[`entropy ${ev.entropy.toFixed(3)}`, "#fff"], [`kept ${(100 * ev.kept).toFixed(1)}% of bits`, keepColour]]) {
       ctx.fillStyle = colour;
       ctx.fillText(text, sx, ys);
       sx += ctx.measureText(text).width + 12;
@@ -217,10 +214,10 @@ class RefineView {
       });
       ctx.stroke();
     };
-    plot("kept", "rgb(88,160,227)");
+    plot("kept", keepColour);
     plot("entropy", "#fff");
     const mx = 4 + ((this.index + 0.5) / total) * (cw - 8);
-    ctx.strokeStyle = "rgb(220,120,117)";
+    ctx.strokeStyle = fillColour;
     ctx.beginPath();
     ctx.moveTo(mx, y0);
     ctx.lineTo(mx, y0 + spark);
@@ -233,8 +230,8 @@ class RefineView {
     ctx.fillText("tokens:", 6, ly);
     let x = 12 + ctx.measureText("tokens:").width;
     STATE_NAMES.forEach((name, i) => {
-      const c = STATE_COLOURS[i];
-      ctx.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`;
+      const c = ev.colours[i];
+      ctx.fillStyle = rgb(c);
       ctx.fillRect(x, ly - 8, 9, 9);
       ctx.fillStyle = "#ccc";
       const label = `${name} ${ev.counts ? ev.counts[name] : ""}`;

@@ -227,11 +227,6 @@ class BlockOffload:
                     slot.host = _pin(current.detach().to("cpu"), self.pin)
                     slot.set(slot.host)
 
-    def release_all(self) -> None:
-        """Point every streamed block back at its CPU copies (after an interrupted pass)."""
-        for index in self.streamed:
-            self._release(index, record=False)
-
     def to_device(self, device: Any) -> None:
         """Stop streaming: copy every streamed block to ``device`` for good (the caller forgets this object)."""
         for slots in self._slots.values():

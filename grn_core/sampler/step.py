@@ -80,13 +80,6 @@ def guided_difference(cond: torch.Tensor, uncond: Optional[torch.Tensor],
     return dc, torch.where(wv == 1.0, dc, du + wv * (dc - du))
 
 
-def guided_class1_probability(cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                              w: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """float32 p1 = sigmoid((g1 - g0) / tau) with g = u + w (c - u)."""
-    _, diff = guided_difference(cond, uncond, w)
-    return torch.sigmoid(diff / tau.float().view((-1,) + (1,) * (diff.dim() - 1)))
-
-
 def fused_step_reference(cond: torch.Tensor, uncond: Optional[torch.Tensor], w: torch.Tensor, tau: torch.Tensor,
                          u_sample: torch.Tensor, u_keep: torch.Tensor, z: torch.Tensor, keep_prob: torch.Tensor,
                          prev_kept: torch.Tensor, prev_bits: torch.Tensor, return_probs: bool = False) -> StepOutput:

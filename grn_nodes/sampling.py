@@ -1,0 +1,198 @@
+"""Refine Sampler: widgets → a request the library resolves (size, settings, first frame), the run, its events.
+
+Every decision is the library's (:mod:`grn_core.request`): sizes snap to the grid and frames floor to ``1 + 4k`` as
+the official code does, settings start from the task's official preset, adaptive steps use the model's own rule
+unless ``adaptive_rule`` is ``custom``, and a first frame is prepared as the official I2V demo prepares it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from grn_core.pipeline import GenerationRequest, TokenResult, generate_class_tokens, generate_tokens, \
+    refiner_stage_bytes
+from grn_core.refiner.buckets import BUCKET_SIDES
+from grn_core.request import SizePlan, prepare_first_frame, resolve_settings
+from grn_core.request import plan_size as resolve_size
+from grn_core.sampler import C2ISettings, SamplerSettings, StepInfo
+
+from .errors import SAMPLER, GRNNodeError, errors_from
+from .loading import LoadedGRN
+from .prompting import GRNConditioning
+from .widget_events import build_step_event
+
+RESOLUTIONS = ("custom",) + tuple(BUCKET_SIDES)
+ASPECTS = {"from width/height": None, "1:1": 1.0, "16:9": 9 / 16, "9:16": 16 / 9, "4:3": 3 / 4, "3:4": 4 / 3,
+           "3:2": 2 / 3, "2:3": 3 / 2, "2:1": 1 / 2, "1:2": 2.0}  # name w:h -> h/w
+# "model": the model's own adaptive rule (its file's calibrated one, else the family's); "custom": the widgets'.
+ADAPTIVE_RULES = ("model", "custom")
+
+
+def choose_task(loaded: LoadedGRN, conditioning: Optional[GRNConditioning], has_first_frame: bool) -> str:
+    model = loaded.model
+    if model.is_c2i:
+        if has_first_frame:
+            raise GRNNodeError(f"{SAMPLER}: {loaded.refiner_name} is class-to-image; disconnect first_frame.")
+        return "c2i"
+    if conditioning is None:
+        raise GRNNodeError(f"{SAMPLER}: connect a conditioning from GRN Encode Prompt.")
+    if has_first_frame:
+        if "i2v" not in model.tasks and model.layout != "joint":
+            raise GRNNodeError(
+                f"{SAMPLER}: {loaded.refiner_name} has no image-to-video (prefix layout); disconnect first_frame, or "
+                "load the 8B GRN_T2V_TITAN_FSA_sft10600_ema.pth, which does I2V.")
+        return "i2v"  # a joint model not trained for it runs with a warning, as the official code allows
+    if conditioning.default_task == "i2v":
+        if "t2v" in conditioning.features:
+            return "t2v"
+        raise GRNNodeError(f"{SAMPLER}: the conditioning is for I2V; connect a first_frame image.")
+    return conditioning.default_task
+
+
+def plan_size(loaded: LoadedGRN, width: int, height: int, frames: int, resolution: str = "custom",
+              aspect: str = "from width/height", duration: float = 0.0, task: str = "t2v") -> SizePlan:
+    """The widgets' size → :func:`grn_core.request.plan_size` (aspect names are width:height)."""
+    if resolution not in RESOLUTIONS:
+        raise GRNNodeError(f"{SAMPLER}: resolution '{resolution}' is not one of {', '.join(RESOLUTIONS)}.")
+    if aspect not in ASPECTS:
+        raise GRNNodeError(f"{SAMPLER}: aspect '{aspect}' is not one of {', '.join(ASPECTS)}.")
+    with errors_from(SAMPLER):
+        return resolve_size(loaded.model, task, width, height, frames, duration=duration or 0.0,
+                            resolution=resolution, h_over_w=ASPECTS[aspect])
+
+
+def build_settings(loaded: LoadedGRN, task: str, steps: int, guidance: float, temperature: float,
+                   shift: float = 1.0, guidance_interval: float = 0.0, adaptive: bool = False, min_steps: int = 20,
+                   warmup: int = 5, k: float = 90.0, b: float = 0.0,
+                   adaptive_rule: str = "model") -> SamplerSettings | C2ISettings:
+    """The widgets' settings → :func:`grn_core.request.resolve_settings`. With ``adaptive_rule`` ``model`` the
+    rule's numbers are the model's own (the warm-up/min/k/b widgets are for ``custom``)."""
+    if adaptive_rule not in ADAPTIVE_RULES:
+        raise GRNNodeError(f"{SAMPLER}: adaptive_rule '{adaptive_rule}' is not one of {', '.join(ADAPTIVE_RULES)}.")
+    custom = dict(warmup=int(warmup), min_steps=int(min_steps), k=float(k), b=float(b)) \
+        if adaptive and adaptive_rule == "custom" else {}
+    bit_only = {} if task == "c2i" else dict(shift=float(shift), cfg_interval=float(guidance_interval))
+    with errors_from(SAMPLER):
+        return resolve_settings(loaded.model, task, steps=int(steps), guidance=float(guidance),
+                                temperature=float(temperature), adaptive=bool(adaptive), **bit_only, **custom)
+
+
+def describe_settings(settings: SamplerSettings | C2ISettings) -> str:
+    """One line for the node's text output: what the run used (the adaptive rule's numbers included)."""
+    text = f"{settings.steps} steps, guidance {settings.guidance:g}, temperature {settings.temperature:g}"
+    rule = settings.adaptive
+    if rule is not None:
+        text += (f"; adaptive: D = {rule.k:g}*H {rule.b:+g}, warm-up {rule.warmup}, at least {rule.min_steps} steps"
+                 + (" (calibrated)" if rule.calibrated else ""))
+    return text
+
+
+def first_frame_from_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, 3]`` (the first image is used) → first frame ``[3, height, width]`` in [-1, 1],
+    prepared as the official I2V demo prepares its image (:func:`grn_core.request.prepare_first_frame`)."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise GRNNodeError(f"{SAMPLER}: first_frame must be an IMAGE [B, H, W, 3], got shape {shape}.")
+    with errors_from(SAMPLER):
+        return prepare_first_frame(image[0], width, height)
+
+
+# ==== the run ==========================================================================================================
+
+@dataclass
+class StepRecorder:
+    """Turns sampler ``StepInfo`` callbacks into per-step records (for Refine Stats) and widget events.
+
+    ``send(event)`` delivers a widget event; ``progress(step, total, preview_rgb)`` drives the progress bar and may
+    raise to interrupt (ComfyUI's hook does). Only the first running sample is reported.
+    """
+
+    node: str = ""
+    prompt_id: Optional[str] = None
+    size: Optional[tuple[int, int, int]] = None
+    send: Optional[Callable[[dict], None]] = None
+    progress: Optional[Callable[[int, int, Optional[torch.Tensor]], None]] = None
+    records: list[dict] = field(default_factory=list)
+    decided: Optional[int] = None
+    planned: Optional[int] = None
+
+    def __call__(self, info: StepInfo) -> None:
+        total = int(info.total_steps_per_sample[0])
+        if self.planned is None:
+            self.planned = total
+        if self.decided is None and total != self.planned:
+            self.decided = total
+        counts = info.token_counts[0]
+        self.records.append({
+            "step": info.step, "total": total, "entropy": float(info.entropy[0]),
+            "kept": float(info.kept_fraction[0]), "guided": bool(info.guided[0]),
+            "fill": counts.fill, "keep": counts.keep, "erase": counts.erase, "blank": counts.blank,
+        })
+        rgb = preview_of(info)
+        states = info.token_states[0] if info.token_states is not None else None
+        if self.send is not None:
+            self.send(build_step_event(
+                node=self.node, prompt_id=self.prompt_id, step=info.step, total=total, planned=self.planned,
+                entropy=info.entropy[0], kept=info.kept_fraction[0], guided=info.guided[0], counts=counts,
+                token_states=states, preview_rgb=rgb, size=self.size, decided=self.decided))
+        if self.progress is not None:
+            self.progress(info.step + 1, total, rgb)
+
+
+def preview_of(info: StepInfo) -> Optional[torch.Tensor]:
+    """RGB preview ``[t, 3, h, w]`` of the first running sample, if the sampler made one."""
+    preview = info.preview
+    if not isinstance(preview, torch.Tensor):
+        return None
+    rgb = preview[0]
+    if rgb.dim() == 3:  # images: [3, h, w]
+        rgb = rgb.unsqueeze(0)
+    return rgb.float().cpu() if rgb.dim() == 4 and rgb.shape[1] == 3 else None
+
+
+def preview_image(rgb: torch.Tensor, min_side: int = 256) -> "Any":
+    """The middle frame of an RGB preview ``[t, 3, h, w]`` as a PIL image, upscaled (nearest) for the node."""
+    from PIL import Image
+
+    frame = rgb[rgb.shape[0] // 2]
+    h, w = frame.shape[-2:]
+    factor = max(1, math.ceil(min_side / max(h, w)))
+    frame = frame.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    pixels = ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
+def run_sampler(loaded: LoadedGRN, conditioning: Optional[GRNConditioning], plan: SizePlan, seed: int,
+                settings: SamplerSettings | C2ISettings, task: str, first_frame: Optional[torch.Tensor] = None,
+                first_frame_bits: Optional[torch.Tensor] = None, class_index: int = 0,
+                recorder: Optional[StepRecorder] = None) -> TokenResult:
+    """Sample tokens. I2V: ``first_frame`` ``[3, H, W]`` in [-1, 1] at the plan's size, or its tokens
+    ``first_frame_bits`` from Encode Image (used as they are: no decode / encode round trip)."""
+    model = loaded.model
+    with errors_from(SAMPLER):
+        if task == "c2i":
+            result = generate_class_tokens(model, [int(class_index)], seed=int(seed), settings=settings,
+                                           callback=recorder)
+        else:
+            feats = conditioning.for_task(task)
+            request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=int(seed),
+                                        settings=settings)
+            result = generate_tokens(model, feats, request, first_frame=first_frame, callback=recorder,
+                                     first_frame_bits=first_frame_bits)
+    result.extras["steps"] = list(recorder.records) if recorder is not None else []
+    result.extras["model"] = loaded.refiner_name
+    return result
+
+
+def refiner_memory_bytes(loaded: LoadedGRN, plan: SizePlan, task: str, settings: SamplerSettings | C2ISettings,
+                         conditioning: Optional[GRNConditioning] = None) -> int:
+    """What ComfyUI is asked to free before the run (:func:`grn_core.pipeline.refiner_stage_bytes`)."""
+    text_tokens = 128
+    if conditioning is not None and task in conditioning.features:
+        text_tokens = int(conditioning.features[task].cond.shape[0])
+    return refiner_stage_bytes(loaded.model, plan.width, plan.height, plan.frames, task, float(settings.guidance),
+                               text_tokens)
