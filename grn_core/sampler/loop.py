@@ -39,7 +39,7 @@ from .events import SamplingResult, StepInfo
 from .running import RunningBatch, decide_steps, planned_steps, preview_due, row_temperatures
 from .schedule import bit_keep_fraction, layout_cap
 from .settings import SamplerSettings
-from .step import StepOutput, fused_step, mean_bit_entropy
+from .step import StepOutput, fused_step_reference, mean_bit_entropy
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,15 @@ def _logits(plan: _BitPlan, run: _BitRun, with_uncond: bool) -> Tuple[torch.Tens
                          f"{None if uncond is None else tuple(uncond.shape)}; expected {expected}")
     flat = (rows, plan.tokens, plan.n_bits, 2)
     return cond.reshape(flat), (uncond.reshape(flat) if with_uncond else None)
+
+
+def fused_step(*args, use_triton: bool = False, **kwargs) -> StepOutput:
+    """The fused step as the Triton kernel (imported only when used: CUDA, or the interpreter in tests) or the
+    torch reference; same arguments, same result."""
+    if use_triton:
+        from .triton_step import fused_step_triton
+        return fused_step_triton(*args, **kwargs)
+    return fused_step_reference(*args, **kwargs)
 
 
 def _fused_step(plan: _BitPlan, run: _BitRun, cond: torch.Tensor, uncond: Optional[torch.Tensor],

@@ -94,11 +94,3 @@ def fused_step_reference(cond: torch.Tensor, uncond: Optional[torch.Tensor], w: 
     states = classify_states(prev_kept.bool(), kept, mixed != prev_bits)
     token_states, per_token = plurality_states(states, dim=-1)
     return StepOutput(sample, mixed, kept, entropy_sum, per_token.sum(1), token_states, p1 if return_probs else None)
-
-
-def fused_step(*args, use_triton: bool = False, **kwargs) -> StepOutput:
-    """Dispatch to the Triton kernel or the torch reference (same arguments)."""
-    if use_triton:
-        from .triton_step import fused_step_triton
-        return fused_step_triton(*args, **kwargs)
-    return fused_step_reference(*args, **kwargs)
