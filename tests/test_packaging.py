@@ -47,7 +47,7 @@ def _library_files() -> list[str]:
 
 
 def _source_copy(tmp_path_factory) -> Path:
-    setuptools = pytest.importorskip("setuptools", reason="building the wheel needs setuptools (requirements-test.txt)")
+    import setuptools  # a test requirement (requirements-test.txt)
     major = int(setuptools.__version__.split(".")[0])
     assert major >= 77, (f"setuptools {setuptools.__version__} is too old to read pyproject.toml's SPDX license; "
                          "requirements-test.txt should install setuptools>=77")

@@ -121,7 +121,7 @@ def test_bad_input_rejected_before_any_work(kwargs, match):
 
 
 def test_runs_with_the_real_c2i_network_on_golden_weights():
-    c2i = pytest.importorskip("grn_core.c2i")
+    from grn_core import c2i
     from tests._golden import golden_meta, load_golden
 
     weights = load_golden("c2i_weights.safetensors")

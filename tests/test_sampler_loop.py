@@ -263,7 +263,7 @@ def test_prepared_per_sample_context_rejected_when_batch_can_shrink():
 
 
 def test_runs_with_the_real_refiner_on_golden_weights():
-    refiner_mod = pytest.importorskip("grn_core.refiner")
+    from grn_core import refiner as refiner_mod
     from tests._golden import golden_meta, load_golden
 
     weights, io = load_golden("refiner_joint_weights.safetensors"), load_golden("refiner_joint_io.safetensors")
