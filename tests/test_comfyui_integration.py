@@ -8,11 +8,16 @@ Starts ``main.py --cpu`` with this repository linked into ``custom_nodes/ComfyUI
 built-in text encoder, 32x32, 9 frames, the library's t2v defaults — with one ``grn.refine`` widget event per step
 over the websocket; the history names an mp4 that ``/view`` serves, 9 frames of 32x32 showing what the prompt asks
 for; a run with more steps is interrupted midway and the next one completes.
+
+Same request, same bits, every door: text-to-image (1 frame) and text-to-video (1 and 9 frames) at 32x32, with fixed
+and with adaptive steps (the model's own rule), run through the server (``SaveImage`` writes one PNG per frame) and
+through the command line in the test process (``grn_core.cli.main(["generate", ...])``) give the same uint8 pixels.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import socket
@@ -24,7 +29,7 @@ import uuid
 
 import pytest
 
-from tests._comfyui import COMFYUI_DIR, USER_REFINER, comfyui_server
+from tests._comfyui import COMFYUI_DIR, ROOT, USER_REFINER, comfyui_server
 from tests._workflows import load, to_api_prompt, widget_names_from_object_info
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the "
@@ -228,3 +233,98 @@ def test_interrupt_midway_then_a_full_run(server, object_info):
     _, events, outcome = _run(server, _tiny_prompt(object_info, seed=3, steps=5))
     assert outcome == "execution_success", outcome
     assert [e["step"] for e in events] == list(range(5))
+
+
+# ==== same request, same bits, every door =============================================================================
+
+DOORS = [  # (task, frames, prompt): the tiny model's image and video captions
+    ("t2i", 1, "a blue square"),
+    ("t2v", 1, "a red circle moving right"),
+    ("t2v", 9, "a red circle moving right"),
+]
+
+
+def _sampler_preset(task: str) -> dict:
+    """The Refine Sampler's widget values the shipped workflows are written with (``tools/make_workflows.py``)."""
+    spec = importlib.util.spec_from_file_location("make_workflows", ROOT / "tools" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sampler_preset(task)
+
+
+def _save_image_prompt(object_info: dict, task: str, frames: int, text: str, adaptive: bool,
+                       prefix: str) -> tuple[dict, str]:
+    """``grn_tiny_t2v.json`` as an API prompt, its video tail (CreateVideo, SaveVideo) and stats replaced by one
+    ``SaveImage`` on Decode Video's frames; the sampler's widgets are ``sampler_preset(task)`` at 32x32, ``frames``,
+    the shipped seed, and ``adaptive_steps`` with the model's own rule. Returns the prompt and SaveImage's id."""
+    prompt = _tiny_prompt(object_info)
+    decode_id = next(i for i, n in prompt.items() if n["class_type"] == "GRNDecodeVideo")
+    for node_id in [i for i, n in prompt.items()
+                    if n["class_type"] in ("CreateVideo", "SaveVideo", "GRNRefineStats", "PreviewImage")]:
+        del prompt[node_id]
+    save_id = str(max(int(i) for i in prompt) + 1)
+    prompt[save_id] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": prefix}}
+    _inputs(prompt, "GRNEncodePrompt").update(prompt=text, task=task)
+    sampler = _inputs(prompt, "GRNRefineSampler")
+    shipped_seed = sampler["seed"]
+    values = {k: v for k, v in _sampler_preset(task).items() if k != "control_after_generate"}
+    sampler.update(values)
+    sampler.update(width=32, height=32, frames=frames, seed=shipped_seed, adaptive_steps=adaptive,
+                   adaptive_rule="model")
+    return prompt, save_id
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("task,frames,text", DOORS, ids=[f"{t}-{f}f" for t, f, _ in DOORS])
+def test_same_request_same_pixels_through_comfyui_and_the_cli(server, object_info, tmp_path, task, frames,
+                                                              text, adaptive):
+    """One request through two doors, compared pixel for pixel (uint8, decoded with PIL).
+
+    ComfyUI: the shipped tiny workflow's nodes with ``SaveImage`` at the end, which writes one PNG per frame into the
+    server's output directory (``--output-directory``, beside the server log). The command line, in this process:
+    ``generate --model tiny --task T --prompt P --seed S --width 32 --height 32 --frames F [--adaptive]`` with the
+    seed widget's value as ``--seed``; one frame to ``.png``, nine to ``.webp``, which ``grn_core.media`` writes
+    lossless (``.gif`` quantises colours, ``.mp4`` is lossy H.264), so all nine frames are compared too. Both run on
+    one CPU thread: the server with ``OMP_NUM_THREADS=1`` (``tests/_comfyui.py``), the command line by its own default
+    for the tiny model on the CPU (restored afterwards). The number of ``grn.refine`` events must equal the command
+    line's step count (its JSON sidecar): 50 fixed, fewer adaptive.
+    """
+    import numpy as np
+    import torch
+
+    from grn_core.cli import main as cli
+    from grn_core.media import read_video
+
+    mode = "adaptive" if adaptive else "fixed"
+    prefix = f"grn/doors_{task}_{frames}f_{mode}"
+    prompt, save_id = _save_image_prompt(object_info, task, frames, text, adaptive, prefix)
+    sampler = _inputs(prompt, "GRNRefineSampler")
+    seed = sampler["seed"]
+    assert seed == _inputs(_tiny_prompt(object_info), "GRNRefineSampler")["seed"]  # the shipped seed widget
+    prompt_id, events, outcome = _run(server, prompt)
+    assert outcome == "execution_success", f"{outcome}; log: {server['log'].read_text()[-3000:]}"
+    saved = _history(server, prompt_id)["outputs"][save_id]["images"]
+    assert len(saved) == frames and all(f["type"] == "output" for f in saved), saved
+    output_dir = server["log"].parent / "output"  # tests/_comfyui.py: --output-directory work/output
+    comfy = np.stack([read_video(output_dir / f["subfolder"] / f["filename"])[0] for f in saved])
+
+    out = tmp_path / ("cli.png" if frames == 1 else "cli.webp")
+    argv = ["generate", "--model", "tiny", "--task", task, "--prompt", text, "--seed", str(seed), "--width", "32",
+            "--height", "32", "--frames", str(frames), "--out", str(out)] + (["--adaptive"] if adaptive else [])
+    threads = torch.get_num_threads()
+    try:
+        assert cli(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    line = read_video(out)
+
+    assert comfy.shape == line.shape == (frames, 32, 32, 3), (comfy.shape, line.shape)
+    assert len(np.unique(line.reshape(-1, 3), axis=0)) > 1  # a picture, not a blank that any door would match
+    assert len(events) == sidecar["steps"], (len(events), sidecar["steps"])
+    assert (sidecar["steps"] < sampler["steps"]) if adaptive else (sidecar["steps"] == sampler["steps"]), sidecar
+    differ = np.any(comfy != line, axis=-1)
+    assert not differ.any(), (
+        f"{int(differ.sum())} of {differ.size} pixels differ (frames {sorted(set(np.nonzero(differ)[0].tolist()))}, "
+        f"largest difference {int(np.abs(comfy.astype(int) - line.astype(int)).max())}); ComfyUI {sampler}, "
+        f"CLI {argv}, sidecar {sidecar}")
