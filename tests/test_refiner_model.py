@@ -252,6 +252,27 @@ def test_prepared_text_equals_raw_text_and_is_deterministic(golden_models, layou
     assert rel_err(a[0], b[0]) < 1e-13 and rel_err(a[1], b[1]) < 1e-13
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["joint", "prefix"])
+def test_forward_under_autograd_is_step_logits(layout, dtype):
+    """``model(...)`` (training's entry point) records a graph, yet gives step_logits' cond logits bit for bit: under
+    autograd the pass runs its in-place kernels' maths out of place, same ops in the same order. Inputs untouched."""
+    config = small_config(layout, kv_heads=2, heads=4)
+    model = random_model(config, dtype=dtype)
+    bits, texts, first = random_inputs(config, batch=2, text_lens=(5, 3))
+    first = first[:1] if layout == "joint" else None
+    r = torch.tensor([0.25, 0.75])
+    kept = [t.clone() for t in texts]
+    out = model(bits, r, texts, aspect_ratio=0.75, first_frame_bits=first)
+    expected, uncond = model.step_logits(bits, r, texts, aspect_ratio=0.75, first_frame_bits=first)
+    assert out.grad_fn is not None and uncond is None
+    assert expected.grad_fn is None, "step_logits stays inference-only"
+    assert torch.equal(out, expected)
+    with torch.inference_mode():
+        assert torch.equal(model(bits, r, texts, aspect_ratio=0.75, first_frame_bits=first), expected)
+    assert all(torch.equal(a, b) for a, b in zip(texts, kept))
+
+
 def test_aspect_ratio_maps_to_template(golden_models):
     models, io = golden_models
     model = models["joint"]

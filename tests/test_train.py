@@ -17,9 +17,9 @@ from grn_core.train.refiner import bit_loss, init_refiner
 from grn_core.train.stages import run_refiner, run_tokenizer
 
 
-def _random_refiner(dtype=torch.float64) -> GRNRefiner:
+def _random_refiner(dtype=torch.float64, layout="joint") -> GRNRefiner:
     config = RefinerConfig(width=48, depth=2, heads=4, kv_heads=2, mlp_hidden=64, block_chunks=2, text_channels=16,
-                           latent_channels=4, rounds=4, layout="joint", step_freq_dim=32)
+                           latent_channels=4, rounds=4, layout=layout, step_freq_dim=32)
     torch.manual_seed(0)
     ref = GRNRefiner(config)
     with torch.no_grad():
@@ -28,30 +28,85 @@ def _random_refiner(dtype=torch.float64) -> GRNRefiner:
     return ref.to(dtype).eval()
 
 
-def test_training_forward_equals_inference_forward():
-    """The differentiable training forward computes exactly what the sampler's step_logits computes."""
-    ref = _random_refiner()
+def _training_batch(dtype=torch.float64, text_lens=(5, 1, 5)):
+    """Bits ``[B, 16, 2, 3, 4]``, per-sample keep ratios and per-sample prompts of different lengths."""
     g = torch.Generator().manual_seed(1)
-    bits = torch.randint(0, 2, (3, 16, 2, 3, 4), generator=g, dtype=torch.uint8)
-    texts = [torch.randn(5, 16, generator=g, dtype=torch.float64), torch.randn(1, 16, generator=g, dtype=torch.float64),
-             torch.randn(5, 16, generator=g, dtype=torch.float64)]
-    r = torch.tensor([0.0, 0.4, 0.93], dtype=torch.float64)
-    with torch.no_grad():
-        train = training_logits(ref, bits, r, texts)
-    for b in range(3):
-        infer, _ = ref.step_logits(bits[b:b + 1], float(r[b]), texts[b], None)
-        err = (train[b:b + 1] - infer).abs().max() / infer.abs().max()
-        assert err < 1e-9, f"sample {b}: relative error {float(err):.2e}"
+    bits = torch.randint(0, 2, (len(text_lens), 16, 2, 3, 4), generator=g, dtype=torch.uint8)
+    texts = [torch.randn(n, 16, generator=g, dtype=dtype) for n in text_lens]
+    r = torch.linspace(0.0, 0.93, len(text_lens), dtype=dtype)
+    return bits, r, texts
 
 
-def test_training_forward_has_gradients_for_every_parameter():
-    ref = _random_refiner(torch.float32).train()
-    bits = torch.randint(0, 2, (2, 16, 1, 2, 2), dtype=torch.uint8)
-    logits = training_logits(ref, bits, torch.tensor([0.2, 0.7]), [torch.randn(3, 16), torch.randn(1, 16)])
-    loss, _ = bit_loss(logits, bits)
-    loss.backward()
-    missing = [name for name, p in ref.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, f"no (finite) gradient for {missing}"
+def test_training_forward_is_the_inference_forward():
+    """Training calls the sampler's pass: with autograd on, the same numbers as step_logits, bit for bit."""
+    ref = _random_refiner()
+    bits, r, texts = _training_batch()
+    train = training_logits(ref, bits, r, texts)
+    assert train.grad_fn is not None, "autograd must record the training forward"
+    infer, _ = ref.step_logits(bits, r, texts, None)
+    assert torch.equal(train, infer)
+    # Each sample's prompt is its own: the batch equals one call per sample (other GEMM shapes, so not bit for bit).
+    for b in range(bits.shape[0]):
+        alone, _ = ref.step_logits(bits[b:b + 1], float(r[b]), texts[b], None)
+        err = (train[b:b + 1] - alone).abs().max() / alone.abs().max()
+        assert err < 1e-12, f"sample {b}: relative error {float(err):.2e}"
+
+
+def _loss(ref: GRNRefiner, bits, r, texts, target) -> torch.Tensor:
+    return bit_loss(training_logits(ref, bits, r, texts), target)[0]
+
+
+@pytest.mark.parametrize("layout", ["joint", "prefix"])
+def test_gradients_reach_every_parameter_and_are_right(layout):
+    """Backward through the model's forward gives every parameter (word_embed, text_proj, pt_embedder, each block's
+    weights, head) a non-zero gradient, and each equals the loss's central difference along a random direction d:
+    ``<grad, d> = (L(p + eps d) - L(p - eps d)) / 2 eps`` with L evaluated by the inference pass (no autograd)."""
+    ref = _random_refiner(layout=layout)
+    bits, r, texts = _training_batch()
+    target = torch.randint(0, 2, bits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    _loss(ref, bits, r, texts, target).backward()
+    params = dict(ref.named_parameters())
+    assert {name.split(".")[0] for name in params} == {"word_embed", "text_proj", "pt_embedder", "block_chunks",
+                                                         "head"}
+    dead = [name for name, p in params.items()
+            if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().max() > 0]
+    assert not dead, f"no (finite, non-zero) gradient for {dead}"
+
+    g, eps = torch.Generator().manual_seed(3), 1e-5
+    for name, p in params.items():
+        direction = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        with torch.no_grad():
+            p.add_(direction, alpha=eps)
+            up = _loss(ref, bits, r, texts, target)
+            p.sub_(direction, alpha=2 * eps)
+            down = _loss(ref, bits, r, texts, target)
+            p.add_(direction, alpha=eps)
+        numeric, analytic = float(up - down) / (2 * eps), float((p.grad * direction).sum())
+        assert abs(numeric - analytic) <= 1e-6 * max(abs(numeric), 1e-3), f"{name}: {analytic} vs {numeric}"
+
+
+def test_a_few_optimizer_steps_reduce_the_loss():
+    """Micro config from its even-odds initialisation: AdamW on one fixed batch, through the model's forward."""
+    recipe = TinyRecipe.micro()
+    torch.manual_seed(0)
+    ref = GRNRefiner(recipe.refiner)
+    init_refiner(ref)
+    ref.train()
+    g = torch.Generator().manual_seed(4)
+    bits = torch.randint(0, 2, (3, recipe.refiner.bits, 2, 2, 2), generator=g, dtype=torch.uint8)
+    mixed, ratio = corrupt_bits(bits, g)
+    texts = [torch.randn(n, recipe.text_dim, generator=g) for n in (4, 4, 1)]
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, _ = bit_loss(training_logits(ref, mixed, ratio, texts), bits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert abs(losses[0] - 0.6931) < 1e-3, "starts at ln 2 (zero head)"
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 0.05, losses
 
 
 def test_corrupt_bits_keeps_true_bits_and_reports_the_realised_ratio():
@@ -128,7 +183,11 @@ def test_one_step_of_each_stage(tmp_path):
 
 
 def test_training_is_reproducible(tmp_path):
-    """Same recipe and seed -> bit-identical weights (the shipped files are the recipe's output)."""
+    """Same recipe, seed and code -> bit-identical weights, run after run.
+
+    Not a claim about the shipped refiner: it was trained through an earlier re-implementation of the forward that
+    rounded differently (same loss curve for the recipe's first 21 steps, weights 1e-7 apart after 20 steps and
+    1.6e-6 after 100), so a retrain now reproduces it only to within training noise, not bit for bit."""
     recipe = TinyRecipe.micro().replace(tok_image_steps=2, tok_steps=2, ref_steps=2)
     outputs = []
     for run in ("a", "b"):

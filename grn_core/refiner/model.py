@@ -26,7 +26,10 @@ Runtime (see :mod:`grn_core.runtime`):
   storage (``FLOAT32_MODULES``), as the official code runs them;
 - attention: :meth:`GRNRefiner.set_attention` — ``auto`` (FlashAttention when installed and usable, else SDPA),
   ``sdpa``, ``flash``, ``sage``;
-- block offload: :meth:`GRNRefiner.enable_block_offload` streams the last N blocks from the CPU for every pass.
+- block offload: :meth:`GRNRefiner.enable_block_offload` streams the last N blocks from the CPU for every pass;
+- autograd: one pass serves sampling and training. With autograd off (``step_logits``) it overwrites intermediates
+  in place; with autograd on (``forward`` in training) the same ops run out of place, so it is differentiable and
+  gives the same values.
 """
 
 from __future__ import annotations
@@ -74,17 +77,37 @@ def _linear(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor | None = N
     return out
 
 
+def _recording() -> bool:
+    """True when autograd records this pass, i.e. the pass must stay differentiable.
+
+    The inference kernels overwrite fresh intermediates in place (the norm factor, the SiLU gate, the RoPE product)
+    and let matmuls write into column slices of one buffer (``mm(out=...)``). Autograd refuses ``out=`` and needs
+    some of the overwritten values for the backward pass, so while it records, the same maths runs out of place:
+    same kernels in the same order, hence the same values (bit for bit in the CPU tests). With autograd off
+    (``torch.no_grad``, as in :meth:`GRNRefiner.step_logits`, or ``torch.inference_mode``) nothing is recorded and
+    the in-place path is safe.
+    """
+    return torch.is_grad_enabled()
+
+
 def _rms_norm(x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim, returned in the compute dtype.
 
-    Same maths as :class:`grn_core.nn.RMSNorm`, with the mean square taken by one reduction (``vector_norm``) and the
-    scaling done in place: 3 passes over ``x`` instead of 5, which matters on CPU where these run once per norm per
-    layer on every token. ``weight`` overrides ``norm.weight`` (a joint q/k weight, see ``_qkv``).
+    Same maths as :class:`grn_core.nn.RMSNorm`, with the mean square taken by one reduction
+    (``mean(x^2) = ||x||^2 / n``, ``vector_norm``) and, without autograd, the scaling done in place: 3 passes over
+    ``x`` instead of 5, which matters on CPU where these run once per norm per layer on every token. ``weight``
+    overrides ``norm.weight`` (a joint q/k weight, see ``_qkv``).
     """
     work = compute_dtype(x.dtype)
     h = x.to(work)
-    inv = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(h.shape[-1]).add_(norm.eps).rsqrt_()
-    return torch.mul(h, inv).mul_((norm.weight if weight is None else weight).to(work))
+    scale = (norm.weight if weight is None else weight).to(work)
+    length = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    if _recording():
+        # rsqrt's and vector_norm's backward read their outputs: they must not be overwritten.
+        inv = length.square().div(h.shape[-1]).add(norm.eps).rsqrt()
+        return torch.mul(h, inv).mul(scale)
+    inv = length.square_().div_(h.shape[-1]).add_(norm.eps).rsqrt_()
+    return torch.mul(h, inv).mul_(scale)
 
 
 class SelfAttention(nn.Module):
@@ -112,7 +135,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + down(silu(gate(h)) * up(h))`` for 2-D ``h``."""
-        act = F.silu(_linear(h, self.gate_proj), inplace=True).mul_(_linear(h, self.up_proj))
+        if _recording():
+            # silu's backward reads its input and the product's backward reads both factors: keep them all.
+            act = F.silu(_linear(h, self.gate_proj)) * _linear(h, self.up_proj)
+        else:
+            act = F.silu(_linear(h, self.gate_proj), inplace=True).mul_(_linear(h, self.up_proj))
         return _linear(act, self.down_proj, residual=residual)
 
 
@@ -235,6 +262,7 @@ class GRNRefiner(nn.Module):
         cond, uncond = ref.step_logits(bits, step_value, text_cond, text_uncond, aspect_ratio=h / w)
 
     See :meth:`step_logits`. Text that does not change between steps can be prepared once with :meth:`prepare_text`.
+    Training calls the same pass through :meth:`forward` (``logits = ref(bits, step_value, text)``) with autograd on.
     """
 
     _PLAN_CACHE_SIZE = 4
@@ -346,20 +374,25 @@ class GRNRefiner(nn.Module):
 
         q, k and v are written side by side into one buffer (``mm(out=...)`` on column slices, so the official
         separate weights are used as they are), which lets q and k share a single norm and a single in-place RoPE
-        product over ``[N, H + Hkv, D]``. q, k, v are strided views of that buffer.
+        product over ``[N, H + Hkv, D]``. q, k, v are strided views of that buffer. While autograd records, the
+        buffer is the concatenation of the three products and RoPE runs out of place (see ``_recording``).
         """
         cfg, attn = self.config, block.attn
         n, hd, nq, nkv = h.shape[0], cfg.head_dim, cfg.heads, cfg.kv_heads
         weights = [matmul_weight(proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
         weight_dtype = weights[0].dtype
         inp = h if h.dtype == weight_dtype else h.to(weight_dtype)
-        qkv = torch.empty(n, (nq + 2 * nkv) * hd, dtype=weight_dtype, device=inp.device)
         bounds = (0, nq * hd, (nq + nkv) * hd, (nq + 2 * nkv) * hd)
-        for weight, lo, hi in zip(weights, bounds[:-1], bounds[1:]):
-            torch.mm(inp, weight.t(), out=qkv[:, lo:hi])
+        recording = _recording()
+        if recording:
+            qkv = torch.cat([torch.mm(inp, weight.t()) for weight in weights], dim=1)
+        else:
+            qkv = torch.empty(n, bounds[3], dtype=weight_dtype, device=inp.device)
+            for weight, lo, hi in zip(weights, bounds[:-1], bounds[1:]):
+                torch.mm(inp, weight.t(), out=qkv[:, lo:hi])
         qk_weight = torch.cat([attn.q_norm.weight.expand(nq, hd), attn.k_norm.weight.expand(nkv, hd)])
         qk = _rms_norm(qkv[:, :bounds[2]].view(n, nq + nkv, hd), attn.q_norm, qk_weight)
-        qk = apply_rope(qk, rope, inplace=True).to(weight_dtype)
+        qk = apply_rope(qk, rope, inplace=not recording).to(weight_dtype)
         return qk[:, :nq], qk[:, nq:], qkv[:, bounds[2]:].view(n, nkv, hd)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -401,7 +434,9 @@ class GRNRefiner(nn.Module):
         """Attention of the packed ``q, k, v [N, heads, head_dim]`` within each run's sequences -> ``[N, ...]``."""
         cfg = self.config
         # Each run's output is copied once, straight into its rows (the backend's [n, L, H, D] view is strided, so
-        # one copy is needed anyway; a per-run reshape and a concatenation would make two).
+        # one copy is needed anyway; a per-run reshape and a concatenation would make two). Autograd records copies
+        # into slices of a buffer (CopySlices hands each run's rows their share of the gradient), so training runs
+        # this same code.
         out = torch.empty(q.shape[0], cfg.heads * cfg.head_dim, dtype=q.dtype, device=q.device)
         for run in runs:
             rows = slice(run.start, run.start + run.count * run.length)
@@ -466,7 +501,7 @@ class GRNRefiner(nn.Module):
                 raise ValueError(f"{name} was prepared on {ref.device}/{ref.dtype}, the model is on "
                                  f"{self._device}/{self._dtype}; call prepare_text() again after moving the model.")
             return text
-        return self.prepare_text(text, name=name)
+        return self._prepare_text(text, name)
 
     def _check_bits(self, bits: torch.Tensor, name: str) -> None:
         cfg = self.config
@@ -591,7 +626,13 @@ class GRNRefiner(nn.Module):
         Returns:
             a :class:`TextContext` to pass to :meth:`step_logits` in place of the raw features. ``joint``: holds the
             ``text_proj`` output. ``prefix``: runs the text through all layers once and holds each layer's K/V.
+            Prepared without autograd (a cache for sampling); :meth:`forward` given raw features prepares them with
+            autograd, so ``text_proj`` (and, prefix, every layer's text path) is trained.
         """
+        return self._prepare_text(text, name)
+
+    def _prepare_text(self, text: torch.Tensor | Sequence[torch.Tensor], name: str) -> TextContext:
+        """:meth:`prepare_text` in the caller's autograd mode."""
         items = self._text_items(text, name)
         lengths = tuple(int(t.shape[0]) for t in items)
         for i, n in enumerate(lengths):
@@ -708,6 +749,39 @@ class GRNRefiner(nn.Module):
             ``(cond, uncond)`` logits, each ``[B, t, h, w, rounds*d, 2]`` in the compute dtype (float32 for half
             models), or ``uncond = None``.
         """
+        # No autograd here: the pass takes its in-place kernels (see _recording), and samplers get no graph.
+        return self._logits(bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
+
+    def forward(
+        self,
+        bits: torch.Tensor,
+        step_value: float | torch.Tensor,
+        text: TextInput,
+        aspect_ratio: float | None = None,
+        first_frame_bits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Bit logits of one guidance branch, ``[B, t, h, w, rounds*d, 2]``: the training entry point.
+
+        The pass of :meth:`step_logits` for the conditional branch alone (same arguments, ``text`` for
+        ``text_cond``), run in the caller's autograd mode: with autograd on it is differentiable in every
+        parameter, and ``CE(ref(x_s, r, c), x)`` is the training loss; on or off, its values are
+        ``step_logits(...)[0]`` (bit for bit on the CPU, ``tests/test_refiner_model.py``). Raw ``text`` is projected
+        (joint) or run through the layers (prefix) inside the pass, so its path is trained too; per-sample lists of
+        different lengths are fine.
+        """
+        cond, _ = self._logits(bits, step_value, text, None, aspect_ratio, first_frame_bits)
+        return cond
+
+    def _logits(
+        self,
+        bits: torch.Tensor,
+        step_value: float | torch.Tensor,
+        text_cond: TextInput,
+        text_uncond: TextInput | None,
+        aspect_ratio: float | None,
+        first_frame_bits: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(cond, uncond or None)`` = ``head(RMS(x_L[visual]))`` per branch, in the caller's autograd mode."""
         x, plan, (t, h, w), branches = self._forward_packed(
             bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
         batch = bits.shape[0]

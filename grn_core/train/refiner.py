@@ -9,10 +9,11 @@ For a sample with ground-truth HBQ bits ``x`` ``[M*d, t, h, w]`` and prompt feat
     c      = empty-prompt features with probability cond_dropout (what guidance subtracts at sampling time)
     loss   = CE(refiner(x_s, r, c), x)                cross-entropy on ALL bits, kept ones included
 
-This is the training forward of the official ``GRN.forward`` + ``video_encode`` (joint layout: ``[visual | text |
-step token]`` attend to each other). Prompts are formatted exactly as the pipeline formats them at generation time
-(``<T2V>... high aesthetic and high quality video.``; images ``<T2I>...``), and the empty prompt is the encoder's
-EOS row alone, as the pipeline's default negative prompt.
+The forward is the refiner's own (``GRNRefiner.forward``: for the joint layout, ``[visual | text | step token]``
+attend to each other, as in the official ``GRN.forward`` + ``video_encode``), run with autograd on. Prompts are
+formatted exactly as the pipeline formats them at generation time (``<T2V>... high aesthetic and high quality
+video.``; images ``<T2I>...``), and the empty prompt is the encoder's EOS row alone, as the pipeline's default
+negative prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,14 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hbq
 from ..checkpoint_files import read_checkpoint
 from ..checkpoints import checkpoint_metadata, save_checkpoint
 from ..data.shapes import ShapesDataset
 from ..pipeline import format_prompt
 from ..refiner import GRNRefiner
-from ..refiner.buckets import aspect_template
-from ..refiner.rope import rope_table, step_positions, text_positions, visual_positions
 from ..text.hashed import HashedTextEncoder
 from ..tokenizer import HBQTokenizer
 from .common import (STREAM_REFINER_IMAGE, STREAM_REFINER_INIT, STREAM_REFINER_STEPS, STREAM_REFINER_VIDEO,
@@ -143,76 +140,15 @@ def corrupt_bits(bits: torch.Tensor, generator: torch.Generator) -> tuple[torch.
     return mixed, keep.flatten(1).float().mean(1)
 
 
-def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x [G, S, H, D]`` by the complex ``table [S, 1, D/2]`` (differentiable)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * table).flatten(-2).to(x.dtype)
-
-
-def _step_embedding(ref: GRNRefiner, r: torch.Tensor) -> torch.Tensor:
-    """Step token ``[G, width]``: ``[cos | sin]`` sinusoid of r (max period 10000) -> Linear -> SiLU -> Linear."""
-    mlp = ref.pt_embedder.mlp
-    half = mlp[0].in_features // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
-    angles = r.to(torch.float64)[:, None] * freqs
-    sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(mlp[0].weight.dtype)
-    return mlp[2](F.silu(mlp[0](sinusoid)))
-
-
-def _forward_group(ref: GRNRefiner, bits: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Joint-layout forward of G samples that share one text length: ``[G, t, h, w, M*d, 2]`` logits.
-
-    Sequence per sample: ``[visual (t*h*w) | text (L) | step token]``, full self-attention, RoPE positions of the
-    released models (``grn_core.refiner.rope``), then ``head`` on the visual tokens.
-    """
-    cfg = ref.config
-    g, _, t, h, w = bits.shape
-    visual = hbq.bits_one_hot(bits, dtype=ref.word_embed.weight.dtype).flatten(2).transpose(1, 2)
-    x = torch.cat([ref.word_embed(visual), ref.text_proj(text), _step_embedding(ref, r)[:, None]], dim=1)
-    positions = torch.cat([visual_positions(t, h, w, aspect_template(h / w)), text_positions(text.shape[1]),
-                           step_positions()])
-    table = rope_table(positions, cfg.head_dim, cfg.rope_base, torch.float32)
-    seq = x.shape[1]
-    for block in ref.blocks:
-        attn = block.attn
-        hidden = block.input_layernorm(x)
-        q = attn.q_norm(attn.q_proj(hidden).view(g, seq, cfg.heads, cfg.head_dim))
-        k = attn.k_norm(attn.k_proj(hidden).view(g, seq, cfg.kv_heads, cfg.head_dim))
-        v = attn.v_proj(hidden).view(g, seq, cfg.kv_heads, cfg.head_dim)
-        q, k = _rope(q, table), _rope(k, table)
-        if cfg.kv_heads != cfg.heads:
-            k = k.repeat_interleave(cfg.heads // cfg.kv_heads, dim=2)
-            v = v.repeat_interleave(cfg.heads // cfg.kv_heads, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(g, seq, cfg.heads * cfg.head_dim))
-        hidden = block.post_attention_layernorm(x)
-        mlp = block.mlp
-        x = x + mlp.down_proj(F.silu(mlp.gate_proj(hidden)) * mlp.up_proj(hidden))
-    logits = ref.head.proj(ref.head.norm(x[:, : t * h * w]))
-    return logits.view(g, t, h, w, cfg.bits, 2)
-
-
 def training_logits(ref: GRNRefiner, bits: torch.Tensor, step_values: torch.Tensor,
                     texts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Differentiable bit logits of one guidance branch: ``[B, t, h, w, M*d, 2]``.
+    """Differentiable bit logits of one guidance branch, ``refiner(x_s, r, c)``: ``[B, t, h, w, M*d, 2]``.
 
-    ``GRNRefiner.step_logits`` is the inference path (no autograd, in-place kernels); this computes the same
-    function from the same parameters with plain differentiable ops (``tests/test_train.py`` checks that both agree).
-    bits: uint8 ``[B, M*d, t, h, w]``; step_values ``[B]``; texts: one ``[L_b, C_text]`` per sample. Samples are
-    grouped by text length, each group runs batched.
+    The refiner's own forward (:meth:`GRNRefiner.forward`, the pass ``step_logits`` samples with) under autograd.
+    bits: uint8 ``[B, M*d, t, h, w]``; step_values ``[B]``; texts: one ``[L_b, C_text]`` per sample, lengths free
+    (the pass attends consecutive samples of equal text length in one call: ``_batch`` orders them so).
     """
-    if ref.config.layout != "joint":
-        raise ValueError(f"training_logits implements the joint layout; this refiner is {ref.config.layout!r}.")
-    lengths = [int(t.shape[0]) for t in texts]
-    out: list[Optional[torch.Tensor]] = [None] * len(lengths)
-    for length in sorted(set(lengths)):
-        rows = [i for i, n in enumerate(lengths) if n == length]
-        index = torch.tensor(rows)
-        text = torch.stack([texts[i] for i in rows]).to(ref.text_proj.weight.dtype)
-        group = _forward_group(ref, bits.index_select(0, index), step_values.index_select(0, index), text)
-        for j, i in enumerate(rows):
-            out[i] = group[j]
-    return torch.stack(out)  # type: ignore[arg-type]
+    return ref(bits, step_values, list(texts))
 
 
 def bit_loss(logits: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
