@@ -101,17 +101,19 @@ def _guess_kind(name: str) -> Optional[str]:
     return None
 
 
-def missing_file_message(name: str, folder_paths: Any = None, node: str = "Load GRN") -> str:
-    """What to download and where to put it, for a file that is not on disk."""
+def missing_file_message(name: str, folder_paths: Any = None, node: str = "Load GRN",
+                         folders: Iterable[str] = (GRN_FOLDER,)) -> str:
+    """What to download and where to put it, for a file that is in none of ``folders``."""
     where = _grn_dirs(folder_paths)
-    lines = [f"{node}: the file '{name}' is not in {where[0] if where else 'ComfyUI/models/grn'}."]
+    home = where[0] if where else "ComfyUI/models/grn"
+    searched = ", ".join(f"models/{f}" for f in folders)
+    lines = [f"{node}: the file '{name}' is not in {searched}."]
     if released(name) is not None:
-        lines.append(f"Download it from the Hugging Face repository {HF_REPO} and put it in "
-                     f"{where[0] if where else 'ComfyUI/models/grn'}/, or switch on 'download_missing' "
-                     "(needs the huggingface_hub package).")
+        lines.append(f"Download it from the Hugging Face repository {HF_REPO} and put it in {home}/"
+                     + (", or switch on 'download_missing' (needs the huggingface_hub package)." if node == "Load GRN"
+                        else "."))
     else:
-        lines.append("Put the file into ComfyUI/models/grn/ (refiners may also go in models/diffusion_models/) "
-                     "and press R to refresh the lists.")
+        lines.append(f"Put the file into {searched.split(', ')[0]}/ and press R to refresh the lists.")
     lines.append("GRN files: " + "; ".join(f"{f.name} ({f.note or f.kind}) -> models/grn/" for f in RELEASED_FILES))
     return " ".join(lines)
 
@@ -140,7 +142,7 @@ def resolve_file(folder_paths: Any, name: str, folders: Iterable[str], download:
         if not dirs:
             raise ValueError(f"{node}: no models/grn folder is registered; cannot download '{name}'.")
         return download_released(name, Path(dirs[0]), node=node)
-    raise FileNotFoundError(missing_file_message(name, folder_paths, node))
+    raise FileNotFoundError(missing_file_message(name, folder_paths, node, tuple(folders)))
 
 
 def download_released(name: str, target_dir: Path, node: str = "Load GRN") -> Path:

@@ -1,8 +1,8 @@
 """The node schemas and the shipped workflows agree, read without ComfyUI.
 
-A minimal stand-in for ``comfy_api.latest`` (only what ``grn_nodes/comfy_nodes.py`` touches) is put into
-``sys.modules`` for the import, so the real schema definitions are read and their widget order compared with every
-workflow's ``widgets_values``. The pack's ``__init__`` must stay harmless without ComfyUI.
+A minimal stand-in for ``comfy_api.latest`` (``tests/_fake_comfy.py``: only what ``grn_nodes/comfy_nodes.py``
+touches) is put into ``sys.modules`` for the import, so the real schema definitions are read and their widget order
+compared with every workflow's ``widgets_values``. The pack's ``__init__`` must stay harmless without ComfyUI.
 """
 
 from __future__ import annotations
@@ -16,39 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._fake_comfy import fake_comfy_api as _fake_comfy_api
 from tests._workflows import CORE_WIDGETS, FRONTEND_ONLY, WORKFLOWS, load, to_api_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_FILES = ["grn_tiny_t2v.json", "grn_t2i_2b.json", "grn_t2v_2b.json", "grn_i2v_8b.json", "grn_c2i.json"]
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def _fake_comfy_api() -> types.ModuleType:
-    class Input:
-        def __init__(self, id, *args, optional=False, **kwargs):
-            self.id, self.optional, self.kwargs = id, optional, kwargs
-            if args:  # Combo.Input(id, options)
-                self.kwargs["options"] = args[0]
-
-    def kind(io_type):
-        output = type("Output", (), {"io_type": io_type, "__init__": lambda self, id=None, **kw: None})
-        return type(f"Kind_{io_type}", (), {"io_type": io_type, "Output": output,
-                                             "Input": type("Input", (Input,), {"io_type": io_type})})
-
-    io = types.SimpleNamespace(
-        ComfyNode=type("ComfyNode", (), {"hidden": None}),
-        Schema=lambda **kw: types.SimpleNamespace(**{"hidden": None, **kw}),
-        NodeOutput=lambda *args, ui=None: types.SimpleNamespace(args=args, ui=ui),
-        Hidden=types.SimpleNamespace(unique_id="UNIQUE_ID"),
-        Custom=kind,
-        **{name: kind(t) for name, t in [("Combo", "COMBO"), ("Boolean", "BOOLEAN"), ("Int", "INT"),
-                                         ("Float", "FLOAT"), ("String", "STRING"), ("Clip", "CLIP"),
-                                         ("Image", "IMAGE")]},
-    )
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io = io
-    latest.ComfyExtension = type("ComfyExtension", (), {})
-    return latest
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,553 @@
+"""Every node's ``execute()`` as ComfyUI runs it, without ComfyUI: the fakes of ``tests/_fake_comfy.py`` stand in for
+``comfy_api``, ``folder_paths``, ``comfy.model_management``, ``comfy.utils``, ``server`` and ``comfy_execution``.
+
+Models: the built-in tiny model, and in a temporary ``models/grn`` folder the golden refiner / tokenizer / umt5
+(random weights: d = 8, 32-wide text) under released and local names, the golden class-to-image network with a
+4-channel tokenizer, and a small refiner for 4096-wide (umt5-xxl) text, for the CLIP input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+
+from grn_core.c2i import infer_c2i_config
+from grn_core.checkpoints import checkpoint_metadata, save_checkpoint
+from grn_core.pipeline import TokenResult
+from grn_core.refiner.config import RefinerConfig
+from grn_core.refiner.model import GRNRefiner
+from grn_core.releases import HF_REPO
+from grn_core.runtime.offload import OffloadPolicy
+from grn_core.tokenizer import HBQTokenizer, TokenizerConfig
+from grn_nodes.errors import GRNNodeError
+from grn_nodes.loading import LoadedGRN
+from grn_nodes.prompting import GRNConditioning
+from grn_nodes.widget_events import EVENT_NAME, MAX_EVENT_BYTES, event_size
+from tests._fake_comfy import InterruptProcessingException, fake_comfy
+from tests._golden import GOLDEN, load_golden
+
+I2V_REFINER = "GRN_T2V_TITAN_FSA_sft10600_ema.pth"  # a released name: 'auto' knows its tokenizer (64 channels)
+TOKENIZER_64 = "HBQ_image_video_tokenizer_64dim_M4_20260626.ckpt"  # holds the golden tokenizer
+TOKENIZER_16 = "HBQ_image_tokenizer_16dim_M4.safetensors"  # a 4-channel tokenizer: 'auto' must not take it for I2V
+MISSING_REFINER = "GRN_T2V_2B_FSA_sft147400_ema.pth"  # released, not on disk
+
+
+def _umt5_tokenizer_json(path) -> None:
+    """A word-level tokenizer.json with umt5's special ids (pad 0, EOS 1, unk 2), as tests/test_umt5.py builds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["a", "red", "circle", "moving", "right", "cat", "<T2I>", "<T2V>", "<I2V>"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+
+
+def fill_models(root) -> None:
+    grn, encoders = root / "grn", root / "text_encoders"
+    grn.mkdir(parents=True)
+    torch.save(load_golden("refiner_joint_weights.safetensors"), grn / I2V_REFINER)
+    torch.save({"ema": load_golden("tokenizer_weights.safetensors")}, grn / TOKENIZER_64)
+    shutil.copy(GOLDEN / "refiner_joint_weights.safetensors", grn / "my_refiner.safetensors")
+    shutil.copy(GOLDEN / "tokenizer_weights.safetensors", grn / "my_tokenizer.safetensors")
+    torch.manual_seed(0)
+    config4 = TokenizerConfig(dim=8, dec_dim=8, z_dim=4)
+    save_checkpoint(HBQTokenizer(config4).state_dict(), grn / TOKENIZER_16, checkpoint_metadata("tokenizer", config4))
+    c2i = load_golden("c2i_weights.safetensors")
+    save_checkpoint(c2i, grn / "my_c2i.safetensors",
+                    checkpoint_metadata("c2i", infer_c2i_config(c2i, in_context_start=1), tasks=("c2i",)))
+    wide = RefinerConfig(width=32, depth=2, heads=2, kv_heads=1, mlp_hidden=64, block_chunks=1, text_channels=4096,
+                         latent_channels=8)
+    save_checkpoint(GRNRefiner(wide).state_dict(), grn / "my_umt5xxl_refiner.safetensors",
+                    checkpoint_metadata("refiner", wide, layout="joint", tasks=("t2v",)))
+    # GRN's own umt5 file: one with its tokenizer.json (text_encoders/umt5-xxl/), one without (models/grn).
+    encoders.mkdir()
+    shutil.copy(GOLDEN / "umt5_weights.safetensors", encoders / "umt5_small.safetensors")
+    _umt5_tokenizer_json(encoders / "umt5-xxl" / "tokenizer.json")
+    shutil.copy(GOLDEN / "umt5_weights.safetensors", grn / "umt5_lonely.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread, as the CLI uses for the tiny model: these models' matrices are too small to split, and on a
+    busy machine a second thread waiting for a core makes every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    fill_models(root)
+    with fake_comfy(root) as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def fresh(comfy):
+    comfy.reset()
+    yield
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy):
+    return comfy.nodes
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy, nodes) -> LoadedGRN:
+    return comfy.run(nodes.GRNLoadModel, refiner="tiny").args[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_cond(comfy, nodes, tiny) -> GRNConditioning:
+    return comfy.run(nodes.GRNEncodePrompt, model=tiny, prompt="a red circle moving right").args[0]
+
+
+@pytest.fixture(scope="module")
+def golden(comfy, nodes) -> LoadedGRN:
+    """The golden joint refiner under the 8B I2V release name, its tokenizer picked by 'auto'."""
+    return comfy.run(nodes.GRNLoadModel, refiner=I2V_REFINER, tokenizer="auto").args[0]
+
+
+@pytest.fixture(scope="module")
+def golden_cond(comfy, nodes, golden) -> GRNConditioning:
+    return comfy.run(nodes.GRNEncodePrompt, model=golden, prompt="a red circle", umt5_file="umt5_small.safetensors",
+                     task="i2v").args[0]
+
+
+def sampler_inputs(**overrides):
+    """Small, quick Refine Sampler widgets (the rest: the schema's defaults)."""
+    return {"width": 32, "height": 32, "frames": 9, "steps": 4, "seed": 5, **overrides}
+
+
+# ---- the pack --------------------------------------------------------------------------------------------------------
+
+def test_extension_lists_the_six_nodes_and_registers_models_grn(comfy, nodes):
+    listed = asyncio.run(asyncio.run(nodes.comfy_entrypoint()).get_node_list())
+    assert listed == nodes.NODES and len(listed) == 6
+    folder_paths = comfy.modules["folder_paths"]
+    paths, extensions = folder_paths.folder_names_and_paths["grn"]
+    assert paths == [str(comfy.models_dir / "grn")] and ".safetensors" in extensions
+
+
+def test_loader_lists_the_files_of_the_models_folder(comfy, nodes):
+    inputs = {i.id: i for i in nodes.GRNLoadModel.define_schema().inputs}
+    refiners, tokenizers = inputs["refiner"].kwargs["options"], inputs["tokenizer"].kwargs["options"]
+    assert refiners[0] == "tiny" and {I2V_REFINER, "my_refiner.safetensors", "my_c2i.safetensors"} <= set(refiners)
+    assert MISSING_REFINER in refiners  # released names are offered before they are downloaded
+    assert tokenizers[0] == "auto" and {TOKENIZER_64, TOKENIZER_16, "my_tokenizer.safetensors"} <= set(tokenizers)
+    umt5 = next(i for i in nodes.GRNEncodePrompt.define_schema().inputs if i.id == "umt5_file").kwargs["options"]
+    assert umt5[0] == "none" and {"umt5_small.safetensors", "umt5_lonely.safetensors"} <= set(umt5)
+
+
+# ---- Load GRN --------------------------------------------------------------------------------------------------------
+
+def test_load_tiny_on_comfys_device(tiny):
+    assert tiny.refiner_name == "tiny" and tiny.model.name == "tiny"
+    assert tiny.model.compute_device == torch.device("cpu")  # mm.get_torch_device(): the pipeline places the models
+    assert tiny.offload == "auto" and tiny.model.offload == OffloadPolicy("none")
+    assert tiny.model.text_encoder is not None and tiny.model.preview is not None
+
+
+def test_load_auto_tokenizer_picks_the_file_for_the_refiners_channels(golden):
+    # released name -> 64-channel latents -> the 64-channel tokenizer file, not the 16-channel one beside it
+    assert golden.refiner_name == I2V_REFINER and golden.tokenizer_name == TOKENIZER_64
+    assert golden.tasks == ("t2v", "i2v") and golden.model.layout == "joint" and golden.model.latent_channels == 8
+
+
+@pytest.fixture(scope="module")
+def wide(comfy, nodes) -> LoadedGRN:
+    """A small refiner for umt5-xxl's 4096-wide text, with an explicitly chosen tokenizer."""
+    return comfy.run(nodes.GRNLoadModel, refiner="my_umt5xxl_refiner.safetensors", tokenizer="my_tokenizer.safetensors",
+                     offload="model").args[0]
+
+
+def test_load_explicit_tokenizer(wide):
+    assert (wide.refiner_name, wide.tokenizer_name) == ("my_umt5xxl_refiner.safetensors", "my_tokenizer.safetensors")
+    assert wide.model.text_channels == 4096 and wide.tasks == ("t2v",) and wide.model.weight_dtype == "fp32"
+    assert wide.offload == "model" and wide.model.offload.mode == "none"  # on the CPU nothing is offloaded
+
+
+def test_load_auto_without_a_matching_tokenizer_says_what_to_get(comfy, nodes):
+    with pytest.raises(GRNNodeError) as error:
+        comfy.run(nodes.GRNLoadModel, refiner="my_refiner.safetensors", tokenizer="auto")
+    message = str(error.value)
+    assert message.startswith("Load GRN: tokenizer 'auto' found no tokenizer for my_refiner.safetensors")
+    assert "8-channel latents" in message
+
+
+def test_load_missing_released_refiner_names_the_file_and_where_to_get_it(comfy, nodes):
+    with pytest.raises(FileNotFoundError) as error:
+        comfy.run(nodes.GRNLoadModel, refiner=MISSING_REFINER, tokenizer="auto")
+    message = str(error.value)
+    assert message.startswith(f"Load GRN: the file '{MISSING_REFINER}' is not in models/grn")
+    assert HF_REPO in message and "download_missing" in message
+
+
+def test_load_missing_local_file_says_where_to_put_it(comfy, nodes):
+    """A workflow naming a file of someone else's models folder (not a released name): where it goes, no download."""
+    with pytest.raises(FileNotFoundError) as error:
+        comfy.run(nodes.GRNLoadModel, refiner="their_refiner.safetensors", download_missing=True)
+    message = str(error.value)
+    assert message.startswith("Load GRN: the file 'their_refiner.safetensors' is not in")
+    assert "Put the file into models/grn/" in message and "download_missing" not in message
+
+
+def test_load_tiny_without_its_assets_is_a_clear_error(comfy, nodes, monkeypatch):
+    from grn_nodes import model_files
+
+    monkeypatch.setattr(model_files, "tiny_available", lambda: False)
+    with pytest.raises(GRNNodeError, match=r"^Load GRN: the built-in 'tiny' model is not part of this install"):
+        comfy.run(nodes.GRNLoadModel, refiner="tiny")
+
+
+def test_load_missing_explicit_tokenizer_names_the_file(comfy, nodes):
+    with pytest.raises(FileNotFoundError, match=r"^Load GRN: the file 'gone_tokenizer.safetensors' is not in"):
+        comfy.run(nodes.GRNLoadModel, refiner="my_refiner.safetensors", tokenizer="gone_tokenizer.safetensors")
+
+
+def test_download_missing_without_huggingface_hub_is_a_clear_error(comfy, nodes, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ValueError, match=r"^Load GRN: 'download_missing' needs the huggingface_hub package") as error:
+        comfy.run(nodes.GRNLoadModel, refiner=MISSING_REFINER, download_missing=True)
+    assert MISSING_REFINER in str(error.value) and str(comfy.models_dir / "grn") in str(error.value)
+    assert not (comfy.models_dir / "grn" / MISSING_REFINER).exists()
+
+
+def test_download_missing_fetches_the_released_file_into_models_grn(comfy, nodes, monkeypatch, tmp_path):
+    calls = []
+
+    def hf_hub_download(repo_id, filename, local_dir):
+        calls.append((repo_id, filename, local_dir))
+        target = tmp_path / filename  # a stand-in for the file: the golden refiner under the released name
+        torch.save(load_golden("refiner_joint_weights.safetensors"), target)
+        return str(shutil.copy(target, f"{local_dir}/{filename}"))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    try:
+        loaded = comfy.run(nodes.GRNLoadModel, refiner=MISSING_REFINER, tokenizer=TOKENIZER_64,
+                           download_missing=True).args[0]
+    finally:
+        (comfy.models_dir / "grn" / MISSING_REFINER).unlink(missing_ok=True)
+    assert calls == [(HF_REPO, MISSING_REFINER, str(comfy.models_dir / "grn"))]
+    assert loaded.refiner_name == MISSING_REFINER and loaded.tasks == ("t2v",)
+
+
+# ---- Encode Prompt ---------------------------------------------------------------------------------------------------
+
+def test_encode_prompt_with_the_tiny_models_own_encoder(tiny, tiny_cond):
+    assert tiny_cond.source == "built-in" and tiny_cond.default_task == "t2v"
+    assert set(tiny_cond.features) == {"t2v", "t2i"}
+    t2v = tiny_cond.features["t2v"]
+    assert t2v.text == "<T2V>a red circle moving right high aesthetic and high quality video."
+    assert t2v.negative == ""  # the tiny model was trained with the empty negative prompt
+    assert t2v.cond.shape[-1] == tiny.model.text_channels == 64 and t2v.uncond.shape[-1] == 64
+
+
+def test_encode_prompt_with_grns_umt5_file(golden_cond):
+    assert golden_cond.source == "umt5 file" and list(golden_cond.features) == ["i2v"]
+    i2v = golden_cond.features["i2v"]
+    assert i2v.text == "<I2V>a red circle high aesthetic and high quality video."
+    assert i2v.cond.shape == (10, 32)  # 9 words + EOS, 32-wide as the golden umt5
+    assert i2v.uncond is not None and i2v.uncond.shape[-1] == 32
+
+
+def test_umt5_file_without_its_tokenizer_json_says_where_it_goes(comfy, nodes, golden):
+    with pytest.raises(GRNNodeError) as error:
+        comfy.run(nodes.GRNEncodePrompt, model=golden, prompt="a cat", umt5_file="umt5_lonely.safetensors")
+    message = str(error.value)
+    assert message.startswith("GRN Encode Prompt: umt5_lonely.safetensors needs the umt5-xxl tokenizer")
+    assert str(comfy.models_dir / "grn" / "umt5-xxl" / "tokenizer.json") in message
+
+
+def test_missing_umt5_file_names_the_node_and_file(comfy, nodes, golden):
+    with pytest.raises(FileNotFoundError, match=r"^GRN Encode Prompt: the file 'models_t5_umt5-xxl-enc-bf16.pth'"):
+        comfy.run(nodes.GRNEncodePrompt, model=golden, prompt="a cat", umt5_file="models_t5_umt5-xxl-enc-bf16.pth")
+
+
+def test_missing_umt5_file_advice_fits_encode_prompt(comfy, nodes, golden):
+    with pytest.raises(FileNotFoundError) as error:
+        comfy.run(nodes.GRNEncodePrompt, model=golden, prompt="a cat", umt5_file="models_t5_umt5-xxl-enc-bf16.pth")
+    assert "download_missing" not in str(error.value)
+
+
+class Umt5Clip:
+    """ComfyUI's ``CLIP`` as ``CLIPLoader(type="wan")`` returns it (``comfy.sd.CLIP``): ``tokenize`` gives
+    ``{"umt5xxl": [[(id, weight), ...]]}`` padded with 0 and ending with EOS 1; ``encode_from_tokens(...,
+    return_dict=True)["cond"]`` is ``[1, n, 4096]``."""
+
+    def __init__(self, key: str = "umt5xxl"):
+        self.key, self.calls = key, []
+
+    def tokenize(self, text, disable_weights=False, tokenizer_options=None):
+        self.calls.append(("tokenize", text, disable_weights, tokenizer_options))
+        ids = [(10 + sum(map(ord, word)) % 1000, 1.0) for word in text.split()]
+        return {self.key: [ids + [(1, 1.0), (0, 1.0), (0, 1.0)]]}  # EOS, then padding
+
+    def encode_from_tokens(self, tokens, return_dict=False):
+        self.calls.append(("encode", tokens))
+        ids = torch.tensor([float(i) for i, _ in tokens[self.key][0]])
+        cond = ids[:, None].repeat(1, 4096) / 1000  # row i is token i's id: the order of the rows is checked
+        return {"cond": cond.unsqueeze(0), "pooled_output": None}
+
+
+def test_clip_input_gives_umt5_width_features(comfy, nodes, wide):
+    clip = Umt5Clip()
+    cond = comfy.run(nodes.GRNEncodePrompt, model=wide, prompt="a  red &amp; circle", negative_prompt="blurry",
+                     clip=clip, umt5_file="umt5_lonely.safetensors").args[0]  # the CLIP wins over the file
+    t2v = cond.features["t2v"]
+    text = "<T2V>a red & circle high aesthetic and high quality video."  # cleaned as Wan cleans
+    assert clip.calls[0] == ("tokenize", text, True, {"umt5xxl_min_length": 1})
+    ids = [int(i) for i, _ in clip.calls[1][1]["umt5xxl"][0]]
+    assert len(ids) == 11 and ids[-1] == 1 and 0 not in ids  # 10 words + EOS: the padding is dropped
+    assert cond.source == "clip" and t2v.cond.shape == (11, 4096) and t2v.uncond.shape == (2, 4096)
+    assert torch.equal(t2v.cond[:, 0], torch.tensor(ids, dtype=torch.float32) / 1000)  # rows in token order
+    assert t2v.negative == "blurry"
+    tokens = comfy.run(nodes.GRNRefineSampler, model=wide, conditioning=cond,
+                       **sampler_inputs(frames=1, steps=2)).args[0]
+    assert tokens.bits.shape == (1, 32, 1, 2, 2) and tokens.task == "t2v"
+
+
+def test_encode_prompt_for_a_task_the_model_does_not_do(comfy, nodes, wide):
+    with pytest.raises(GRNNodeError, match=r"^GRN Encode Prompt: my_umt5xxl_refiner.safetensors does not do T2I "
+                                           r"\(it does T2V\); set task to 'auto'"):
+        comfy.run(nodes.GRNEncodePrompt, model=wide, prompt="a cat", task="t2i", clip=Umt5Clip())
+
+
+def test_clip_that_is_not_umt5_is_refused(comfy, nodes, tiny):
+    with pytest.raises(GRNNodeError, match=r"^GRN Encode Prompt: the CLIP input is not umt5-xxl \(it tokenizes for "
+                                           r"t5xxl\)"):
+        comfy.run(nodes.GRNEncodePrompt, model=tiny, prompt="a cat", clip=Umt5Clip(key="t5xxl"))
+
+
+def test_clip_features_of_the_wrong_width_for_the_model_are_refused(comfy, nodes, tiny):
+    with pytest.raises(GRNNodeError, match=r"^GRN Encode Prompt: the text features are 4096-wide but tiny expects 64"):
+        comfy.run(nodes.GRNEncodePrompt, model=tiny, prompt="a cat", clip=Umt5Clip())
+
+
+# ---- Refine Sampler --------------------------------------------------------------------------------------------------
+
+def test_t2v_sends_an_event_and_a_progress_update_per_step(comfy, nodes, tiny, tiny_cond):
+    out = comfy.run(nodes.GRNRefineSampler, unique_id="31", model=tiny, conditioning=tiny_cond, **sampler_inputs())
+    tokens = out.args[0]
+    assert isinstance(tokens, TokenResult) and tokens.task == "t2v"
+    assert tokens.bits.shape == (1, 64, 3, 4, 4) and tokens.bits.device.type == "cpu"  # intermediate_device
+    assert [e[0] for e in comfy.events] == [EVENT_NAME] * 4 and {e[2] for e in comfy.events} == {comfy.client_id}
+    for step, (_, event, _) in enumerate(comfy.events):
+        assert (event["node"], event["prompt_id"], event["step"], event["total"]) == ("31", comfy.prompt_id, step, 4)
+        assert event["size"] == [32, 32, 9] and event_size(event) <= MAX_EVENT_BYTES
+    assert [(p.node_id, p.value, p.total) for p in comfy.progress] == [("31", s, 4) for s in (1, 2, 3, 4)]
+    kind, image, size = comfy.progress[0].preview  # ("JPEG", PIL image, max side) as ComfyUI's preview format
+    assert kind == "JPEG" and size == 512 and min(image.size) >= 256
+    assert len(comfy.freed) == 1 and comfy.freed[0][0] > 0 and comfy.freed[0][1] == torch.device("cpu")
+    assert comfy.cache_emptied == 1  # soft_empty_cache after the run
+    assert out.ui == {"text": ["32x32, 9 frames; 4 steps, guidance 3, temperature 1"]}
+    assert tokens.extras["settings_note"] == out.ui["text"][0] and len(tokens.extras["steps"]) == 4
+
+
+def test_sampler_runs_without_server_or_executing_context(tmp_path):
+    with fake_comfy(tmp_path, with_server=False) as fake:
+        n = fake.nodes
+        loaded = fake.run(n.GRNLoadModel, refiner="tiny").args[0]
+        cond = fake.run(n.GRNEncodePrompt, model=loaded, prompt="a cat", task="t2i").args[0]
+        tokens = fake.run(n.GRNRefineSampler, model=loaded, conditioning=cond,
+                          **sampler_inputs(frames=1, steps=2)).args[0]
+    assert tokens.task == "t2i" and fake.events == [] and [p.value for p in fake.progress] == [1, 2]
+    assert "server" not in sys.modules or sys.modules["server"] is not None  # restored
+
+
+@pytest.mark.parametrize("adaptive, rule, expected_steps, note", [
+    (False, "model", 12, "12 steps, guidance 3, temperature 1"),
+    # the tiny file's calibrated rule: D = 0*H + 15 after a 5-step warm-up
+    (True, "model", 20, "30 steps, guidance 3, temperature 1; adaptive: D = 0*H +15, warm-up 5, at least 10 steps "
+                        "(calibrated)"),
+    (True, "custom", 5, "12 steps, guidance 3, temperature 1; adaptive: D = 0*H +3, warm-up 2, at least 4 steps"),
+])
+def test_fixed_and_adaptive_steps_and_the_note_saying_which(comfy, nodes, tiny, tiny_cond, adaptive, rule,
+                                                           expected_steps, note):
+    steps = 30 if rule == "model" and adaptive else 12
+    out = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond,
+                    **sampler_inputs(frames=1, steps=steps, adaptive_steps=adaptive, adaptive_rule=rule, min_steps=4,
+                                     warmup=2, adaptive_k=0.0, adaptive_b=3.0))
+    tokens = out.args[0]
+    assert tokens.sampling.steps == [expected_steps] and len(comfy.events) == expected_steps
+    assert comfy.events[0][1]["total"] == steps and comfy.events[-1][1]["total"] == expected_steps
+    assert comfy.events[-1][1]["decided"] == (expected_steps if adaptive else None)
+    assert out.ui["text"] == [f"32x32; {note}"]
+    assert [p.total for p in comfy.progress][-1] == expected_steps
+
+
+def test_size_widgets_snap_and_the_note_says_so(comfy, nodes, tiny, tiny_cond):
+    out = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond,
+                    **sampler_inputs(width=38, height=30, frames=7, steps=2))
+    assert (out.args[0].width, out.args[0].height, out.args[0].frames) == (40, 32, 5)
+    assert out.ui["text"][0].startswith("40x32, 5 frames (asked 38x30, 7 frames); 2 steps")
+
+
+def test_sampler_without_conditioning_for_a_text_model_says_what_to_connect(comfy, nodes, tiny):
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: connect a conditioning from GRN Encode Prompt"):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, **sampler_inputs())
+    assert comfy.events == [] and comfy.freed == []
+
+
+@pytest.fixture(scope="module")
+def first_frame_image():
+    g = torch.Generator().manual_seed(4)
+    return torch.rand(1, 3, 4, 3, generator=g).repeat_interleave(16, 1).repeat_interleave(16, 2)  # [1, 48, 64, 3]
+
+
+def test_i2v_from_an_image_and_from_encode_image_tokens_give_the_same_run(comfy, nodes, golden, golden_cond,
+                                                                         first_frame_image):
+    size = dict(width=64, height=48, frames=5, steps=3, seed=2)
+    encoded = comfy.run(nodes.GRNEncodeImage, model=golden, image=first_frame_image, width=0, height=0).args[0]
+    assert encoded.bits.shape == (1, 32, 1, 3, 4) and (encoded.width, encoded.height, encoded.frames) == (64, 48, 1)
+    from_image = comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond,
+                           first_frame=first_frame_image, **size).args[0]
+    from_tokens = comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond,
+                            first_frame_tokens=encoded, **size).args[0]
+    assert from_image.task == from_tokens.task == "i2v" and from_image.bits.shape == (1, 32, 2, 3, 4)
+    assert torch.equal(from_tokens.bits[:, :, :1], encoded.bits)  # the given frame's tokens are kept as they are
+    assert torch.equal(from_image.bits[:, :, :1], encoded.bits)  # the image is prepared and encoded the same way
+    assert torch.equal(from_image.bits, from_tokens.bits)
+
+
+def test_i2v_conditioning_needs_a_first_frame(comfy, nodes, golden, golden_cond):
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: the conditioning is for I2V; connect a first_frame"):
+        comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond,
+                  **sampler_inputs(width=64, height=48, frames=5))
+
+
+def test_i2v_needs_conditioning_encoded_for_it(comfy, nodes, tiny, tiny_cond, first_frame_image):
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: the conditioning was encoded for T2V, T2I only"):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, first_frame=first_frame_image,
+                  **sampler_inputs(steps=1))
+
+
+def test_bad_first_frame_is_refused_before_the_run(comfy, nodes, golden, golden_cond):
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: first_frame must be an IMAGE \[B, H, W, 3\]"):
+        comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond, first_frame=torch.rand(48, 64, 3),
+                  **sampler_inputs(width=64, height=48, frames=5))
+    assert comfy.freed == []
+
+
+def _record_moves(module, log, name):
+    original = module.to
+
+    def to(*args, **kwargs):
+        log.append((name, str(args[0] if args else kwargs.get("device"))))
+        return original(*args, **kwargs)
+
+    module.to = to
+
+
+def test_interrupt_from_the_progress_hook_stops_the_run_and_offloads(comfy, nodes):
+    from grn_nodes.loading import load_grn
+
+    loaded = load_grn(None, None)  # caller-placed (no device): the node moves the models around the run itself
+    moves = []
+    _record_moves(loaded.model.refiner, moves, "refiner")
+    _record_moves(loaded.model.tokenizer, moves, "tokenizer")
+    cond = comfy.run(nodes.GRNEncodePrompt, model=loaded, prompt="a cat").args[0]
+    comfy.on_send = lambda event, data: comfy.interrupt() if data["step"] == 1 else None  # Cancel during step 2
+    with pytest.raises(InterruptProcessingException):
+        comfy.run(nodes.GRNRefineSampler, model=loaded, conditioning=cond, **sampler_inputs(steps=6))
+    assert [p.value for p in comfy.progress] == [1] and len(comfy.events) == 2  # stopped at the second update
+    assert moves == [("refiner", "cpu"), ("tokenizer", "cpu"), ("refiner", "cpu"), ("tokenizer", "cpu")]
+    assert comfy.cache_emptied == 1 and comfy.interrupted is False  # cleaned up; the flag is consumed
+    assert all(p.device.type == "cpu" for m in (loaded.model.refiner, loaded.model.tokenizer) for p in m.parameters())
+
+
+def test_interrupt_before_the_run_asks_for_no_memory(comfy, nodes, tiny, tiny_cond):
+    comfy.interrupt()
+    with pytest.raises(InterruptProcessingException):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs())
+    assert comfy.freed == [] and comfy.events == []
+
+
+# ---- class to image --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def c2i(comfy, nodes) -> LoadedGRN:
+    return comfy.run(nodes.GRNLoadModel, refiner="my_c2i.safetensors", tokenizer=TOKENIZER_16).args[0]
+
+
+def test_c2i_samples_a_class_and_decodes(comfy, nodes, c2i):
+    assert c2i.tasks == ("c2i",) and c2i.model.latent_channels == 4
+    out = comfy.run(nodes.GRNRefineSampler, model=c2i, steps=3, guidance=2.35, temperature=1.31, class_index=3,
+                    seed=1)
+    tokens = out.args[0]
+    assert tokens.task == "c2i" and tokens.bits.shape == (1, 16, 1, 8, 8)
+    assert (tokens.width, tokens.height) == (128, 128) and len(comfy.events) == 3
+    assert out.ui["text"][0].endswith("; 3 steps, guidance 2.35, temperature 1.31")
+    again = comfy.run(nodes.GRNRefineSampler, model=c2i, steps=3, guidance=2.35, temperature=1.31, class_index=3,
+                      seed=1).args[0]
+    assert torch.equal(again.bits, tokens.bits)
+    images, fps = comfy.run(nodes.GRNDecodeVideo, model=c2i, tokens=tokens, tile=0).args
+    assert images.shape == (1, 128, 128, 3) and fps == 16.0
+
+
+def test_c2i_note_and_events_give_the_size_the_model_makes(comfy, nodes, c2i):
+    out = comfy.run(nodes.GRNRefineSampler, model=c2i, steps=2, guidance=2.35, temperature=1.31, class_index=3)
+    assert (out.args[0].width, out.args[0].height) == (128, 128)
+    assert comfy.events[-1][1]["size"] == [128, 128, 1]  # not the T2V widget defaults [848, 480, 1]
+    assert out.ui["text"][0].startswith("128x128 (class-to-image makes one size")  # the widgets' size is not used
+
+
+def test_c2i_refuses_a_prompt_and_a_first_frame(comfy, nodes, c2i, first_frame_image):
+    with pytest.raises(GRNNodeError, match=r"^GRN Encode Prompt: my_c2i.safetensors is a class-to-image model"):
+        comfy.run(nodes.GRNEncodePrompt, model=c2i, prompt="a cat")
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: my_c2i.safetensors is class-to-image; disconnect"):
+        comfy.run(nodes.GRNRefineSampler, model=c2i, first_frame=first_frame_image, steps=2)
+
+
+# ---- Decode Video / Encode Image / Refine Stats ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_tokens(comfy, nodes, tiny, tiny_cond) -> TokenResult:
+    return comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs(steps=3)).args[0]
+
+
+def test_decode_video_gives_image_frames_and_fps(comfy, nodes, tiny, tiny_tokens):
+    images, fps = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=tiny_tokens).args
+    assert images.shape == (9, 32, 32, 3) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and fps == 16.0
+    tiled = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=tiny_tokens, tile=2).args[0]
+    assert tiled.shape == images.shape and (tiled - images).abs().mean() < 0.1
+    assert comfy.cache_emptied == 2
+
+
+def test_decode_refuses_tokens_of_another_model(comfy, nodes, golden, tiny_tokens):
+    with pytest.raises(GRNNodeError, match=r"^GRN Decode Video: the tokens have 64 bit channels but "
+                                           rf"{TOKENIZER_64} decodes 32"):
+        comfy.run(nodes.GRNDecodeVideo, model=golden, tokens=tiny_tokens)
+
+
+def test_encode_image_and_decode_round_trip(comfy, nodes, tiny, tiny_tokens):
+    frames = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=tiny_tokens).args[0]
+    encoded = comfy.run(nodes.GRNEncodeImage, model=tiny, image=frames, width=0, height=0).args[0]
+    assert encoded.bits.shape == tiny_tokens.bits.shape and encoded.frames == 9 and encoded.task == "encoded"
+    again = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=encoded).args[0]
+    assert again.shape == frames.shape
+    resized = comfy.run(nodes.GRNEncodeImage, model=tiny, image=frames[:1], width=16, height=24).args[0]
+    assert resized.bits.shape == (1, 64, 1, 3, 2) and (resized.width, resized.height) == (16, 24)
+    with pytest.raises(GRNNodeError, match=r"^GRN Encode Image: expected an IMAGE \[N, H, W, 3\], got shape "
+                                           r"\(32, 32\)"):
+        comfy.run(nodes.GRNEncodeImage, model=tiny, image=torch.rand(32, 32), width=0, height=0)
+
+
+def test_refine_stats_charts_a_run_and_an_encoded_image(comfy, nodes, tiny, tiny_tokens):
+    chart = comfy.run(nodes.GRNRefineStats, tokens=tiny_tokens).args[0]
+    assert chart.shape == (1, 512, 768, 3) and chart.dtype == torch.float32
+    assert 0 <= float(chart.min()) and float(chart.max()) <= 1 and float(chart.std()) > 0
+    image = comfy.run(nodes.GRNEncodeImage, model=tiny, image=torch.rand(1, 32, 32, 3), width=0, height=0).args[0]
+    empty = comfy.run(nodes.GRNRefineStats, tokens=image).args[0]
+    assert empty.shape == chart.shape and not torch.equal(empty, chart)
