@@ -19,9 +19,12 @@ Linear weights in 8 bits, upcast per call to ``compute_dtype`` (bf16 by default)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +34,7 @@ from torch import nn
 
 from .checkpoint_files import (
     FORMAT_VERSION,
+    check_finite,
     META_CONFIG,
     META_FORMAT,
     META_KIND,
@@ -42,6 +46,7 @@ from .checkpoint_files import (
     read_checkpoint,
 )
 
+from .presets import BIT_TASKS, TASKS
 from .releases import RELEASED_FILES
 from .runtime.fp8 import FP8_DTYPES as _FP8_DTYPES
 from .runtime.precision import cast_network, dominant_dtype, resolve_precision
@@ -123,6 +128,7 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
 }
 FP8_DTYPES = _FP8_DTYPES
+LAYOUTS = ("joint", "prefix")
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -166,26 +172,54 @@ def _known(path: Path) -> KnownFile | None:
     return KNOWN_FILES.get(path.name)
 
 
+def _check_format(raw: RawCheckpoint) -> None:
+    version = raw.metadata.get(META_FORMAT)
+    if version is not None and version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{raw.path}: its '{META_FORMAT}' metadata says format {version[:40]!r}, but this version of ComfyUI-GRN "
+            f"reads format {FORMAT_VERSION!r}. Update ComfyUI-GRN, or re-create the file from the original weights "
+            "with `python -m grn_core convert`.", path=raw.path, key=META_FORMAT, value=version)
+
+
 def _kind_of(raw: RawCheckpoint) -> str:
-    kind = raw.metadata.get(META_KIND) or detect_kind(raw.tensors)
-    if kind is None:
+    """The kind of network in ``raw``: from its ``grn.kind`` metadata (which must name a known kind and agree with
+    the tensors) or from its tensor names."""
+    _check_format(raw)
+    stored = raw.metadata.get(META_KIND)
+    detected = detect_kind(raw.tensors)
+    if stored:
+        if stored not in KINDS:
+            seen = f" (its tensors are those of {KINDS[detected].description})" if detected else ""
+            raise CheckpointError(
+                f"{raw.path}: its '{META_KIND}' metadata says {stored[:40]!r}, which is not a GRN model kind (valid: "
+                f"{', '.join(KINDS)}){seen}. The metadata is damaged or was edited by hand: use an intact copy of the "
+                "file, or re-create it with `python -m grn_core convert`.", path=raw.path, key=META_KIND, value=stored)
+        if detected is not None and detected != stored:
+            raise CheckpointError(
+                f"{raw.path}: its '{META_KIND}' metadata says {stored!r}, but its tensors are those of "
+                f"{KINDS[detected].description}. The metadata is damaged or was edited by hand: use an intact copy of "
+                "the file.", path=raw.path, key=META_KIND, value=stored)
+        return stored
+    if detected is None:
         sample = ", ".join(list(raw.tensors)[:5])
         raise CheckpointError(
             f"{raw.path}: not a GRN checkpoint — its tensors ({sample}, …) match no GRN tokenizer, refiner, "
-            "class-to-image model or umt5 text encoder."
+            "class-to-image model or umt5 text encoder.", path=raw.path
         )
-    return kind
+    return detected
 
 
 def _read_expecting(path: str | Path, expected: str) -> tuple[RawCheckpoint, str]:
     raw = read_checkpoint(path, KINDS[expected].preferred_containers)
     kind = _kind_of(raw)
+    if kind in KINDS:
+        tasks_of(raw, kind)  # damaged task metadata is refused by every loader, not only where tasks are used
     if kind != expected:
         spec = KINDS[expected]
         found = KINDS[kind].description if kind in KINDS else f"a '{kind}' file"
         raise CheckpointError(
-            f"{raw.path}: this file is {found}, but {spec.description} was expected here. {spec.hint}"
-        )
+            f"{raw.path}: this file is {found}, but {spec.description} was expected here. {spec.hint}", path=raw.path,
+            value=kind)
     return raw, kind
 
 
@@ -195,26 +229,199 @@ def _model_api(kind: str) -> tuple[type[nn.Module], Any, Any]:
     return getattr(module, spec.model_class), getattr(module, spec.config_class), getattr(module, spec.infer_config)
 
 
-def _resolve_config(raw: RawCheckpoint, kind: str, overrides: dict[str, Any]) -> Any:
-    _, config_class, infer = _model_api(kind)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+# ---- config validation: bounded work whatever a file's metadata claims ------------------------------------------
+
+# Fields the tensors cannot tell; every other field is read back from the tensors and must agree.
+_NOT_IN_TENSORS: dict[str, tuple[str, ...]] = {
+    "refiner": ("layout", "rounds", "norm_eps", "rope_base"),
+    "tokenizer": ("hbq_rounds",),
+    "c2i": ("in_context_start", "rounds"),
+    "umt5": ("max_distance", "eps"),
+}
+_MAX_INT = 1 << 24  # wider than any real width, vocabulary or class count
+_INT_RANGES: dict[str, tuple[int, int]] = {  # every other integer field: 1.._MAX_INT
+    "rounds": (1, 16), "hbq_rounds": (1, 16), "depth": (1, 1024), "num_layers": (1, 1024),
+    "block_chunks": (1, 1024), "patch_size": (1, 64), "in_context_len": (0, 4096), "in_context_start": (0, 1024),
+}
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {"norm_eps": (0.0, 1.0), "eps": (0.0, 1.0), "rope_base": (1.0, 1e12)}
+# Tensors the config inference reads, with their number of dimensions (odd ones get a clear error, not a crash).
+_INFER_NDIM: dict[str, tuple[tuple[str, int], ...]] = {
+    "refiner": (("word_embed.weight", 2), ("text_proj.weight", 2), ("head.proj.weight", 2),
+                ("pt_embedder.mlp.0.weight", 2), ("block_chunks.0.module.0.attn.q_norm.weight", 1),
+                ("block_chunks.0.module.0.attn.q_proj.weight", 2), ("block_chunks.0.module.0.attn.k_proj.weight", 2),
+                ("block_chunks.0.module.0.mlp.gate_proj.weight", 2)),
+    "tokenizer": (("encoder.conv1.weight", 5), ("decoder.conv1.weight", 5), ("conv1.weight", 5),
+                  ("conv2.weight", 5), (r"encoder\.downsamples\.\d+\.downsamples\.0\.residual\.6\.weight", 5)),
+    "c2i": (("pos_embed", 3), ("x_embedder.proj1.weight", 4), ("blocks.0.attn.q_norm.weight", 1),
+            ("blocks.0.mlp.w12.weight", 2), ("y_embedder.embedding_table.weight", 2), ("in_context_posemb", 3),
+            ("final_layer.linear.weight", 2)),
+    "umt5": (("token_embedding.weight", 2), ("blocks.0.attn.q.weight", 2), ("blocks.0.ffn.fc1.weight", 2),
+             ("pos_embedding.embedding.weight", 2), ("blocks.0.pos_embedding.embedding.weight", 2)),
+}
+_CONFIG_ERRORS = (ValueError, KeyError, TypeError, IndexError, ArithmeticError, AttributeError)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _sentence(error: BaseException) -> str:
+    return str(error).rstrip(". ")
+
+
+def _where(raw: RawCheckpoint, source: str, name: str, value: Any) -> tuple[str, str]:
+    """(what said ``name=value``, how to fix it) for an error message."""
+    value = _short(value)
+    if source == "metadata":
+        return (f"its '{META_CONFIG}' metadata says {name}={value}",
+                "The metadata is damaged or was edited by hand: use an intact copy of the file, or re-create it from "
+                "the original weights with `python -m grn_core convert ORIGINAL OUT.safetensors`.")
+    if source == "argument":
+        return (f"the requested {name}={value}", f"Pass another {name}, or leave it out and let the file decide.")
+    return (f"its tensor shapes give {name}={value}", "The file is damaged or not a GRN model.")
+
+
+def _config_value_error(kind: str, name: str, value: Any) -> str | None:
+    """Why one config value is unusable (None when it is fine)."""
+    _, config_class, _ = _model_api(kind)
+    types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(config_class)}
+    if name not in types:
+        return f"there is no such {config_class.__name__} field (known: {', '.join(sorted(types))})"
+    kind_of_field = types[name]
+    if kind_of_field == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"it must be an integer, not {type(value).__name__}"
+        low, high = _INT_RANGES.get(name, (1, _MAX_INT))
+        if not low <= value <= high:
+            return f"it must lie in {low}..{high}"
+    elif kind_of_field == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"it must be a number, not {type(value).__name__}"
+        if not math.isfinite(value):
+            return "it must be a finite number"
+        low, high = _FLOAT_RANGES.get(name, (-1e12, 1e12))
+        if not low < value <= high:
+            return f"it must lie in ({low:g}, {high:g}]"
+    elif kind_of_field == "bool":
+        if not isinstance(value, bool):
+            return f"it must be true or false, not {type(value).__name__}"
+    elif kind_of_field == "str":
+        if not isinstance(value, str) or len(value) > 64:
+            return "it must be a short string"
+        if name == "layout" and value not in ("joint", "prefix"):
+            return "it must be 'joint' or 'prefix'"
+    elif kind_of_field.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 8:
+            return "it must be a list of 1 to 8 integers"
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64 for v in value):
+            return "its entries must be integers in 0..64"
+    return None
+
+
+def _check_config_values(raw: RawCheckpoint, kind: str, data: Mapping[str, Any], source: str) -> None:
+    for name, value in data.items():
+        why = _config_value_error(kind, name, value)
+        if why is not None:
+            said, fix = _where(raw, source, name, value)
+            raise CheckpointError(f"{raw.path}: {said}, but {why}. {fix}", path=raw.path,
+                                  key=META_CONFIG if source == "metadata" else None, field=name, value=value)
+
+
+def _check_inference_tensors(raw: RawCheckpoint, kind: str) -> None:
+    """The tensors the config is read from have the right number of dimensions, and no tensor is empty."""
+    for pattern, ndim in _INFER_NDIM.get(kind, ()):
+        for name in ([pattern] if pattern in raw.tensors else [k for k in raw.tensors if re.fullmatch(pattern, k)]):
+            tensor = raw.tensors[name]
+            if tensor.ndim != ndim:
+                raise CheckpointError(
+                    f"{raw.path}: tensor '{name}' has shape {tuple(tensor.shape)}, but {KINDS[kind].description} "
+                    f"stores it with {ndim} dimensions. The file is damaged or not a GRN model.",
+                    path=raw.path, key=name, value=tuple(tensor.shape))
+    for name, tensor in raw.tensors.items():
+        if 0 in tensor.shape:
+            raise CheckpointError(
+                f"{raw.path}: tensor '{name}' is empty (shape {tuple(tensor.shape)}); no GRN network has empty "
+                "weights. The file is damaged.", path=raw.path, key=name, value=tuple(tensor.shape))
+
+
+def _check_config_fits_tensors(raw: RawCheckpoint, kind: str, config: Any, stored: Mapping | None,
+                               overrides: Mapping[str, Any]) -> None:
+    """Read the config back from the tensors (with the fields they cannot tell taken from ``config``, a config
+    object or a dict of every field) and compare: a stored ``depth: 1000000`` next to 4 blocks is refused here,
+    before any network is built."""
+    _, _, infer = _model_api(kind)
+    values = config if isinstance(config, Mapping) else {f.name: getattr(config, f.name)
+                                                         for f in dataclasses.fields(config)}
+    fixed = {name: values[name] for name in _NOT_IN_TENSORS[kind]}
     try:
-        stored = raw.config_dict
-        if stored is not None:
-            return config_class.from_dict({**stored, **overrides})
-        known = _known(raw.path)
-        if known is not None:
-            overrides = {**dict(known.overrides), **overrides}
-        return infer(raw.tensors, **overrides)
+        from_tensors = infer(raw.tensors, **fixed)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{raw.path}: cannot read the {KINDS[kind].description} config: {error}") from error
+    except _CONFIG_ERRORS as error:
+        said = f" with the config stored in its '{META_CONFIG}' metadata" if stored is not None else ""
+        raise CheckpointError(
+            f"{raw.path}: the tensors do not fit {KINDS[kind].description}{said}: {_sentence(error)}. The file is "
+            "damaged, or its metadata was edited: use an intact copy of the file.", path=raw.path,
+            key=META_CONFIG if stored is not None else None) from error
+    for f in dataclasses.fields(from_tensors):
+        mine, theirs = values[f.name], getattr(from_tensors, f.name)
+        if mine == theirs or (isinstance(mine, list) and tuple(mine) == theirs):
+            continue
+        source = "argument" if f.name in overrides else ("metadata" if stored is not None else "tensors")
+        said, fix = _where(raw, source, f.name, mine)
+        if source == "metadata" and f.name not in stored:
+            said = f"its '{META_CONFIG}' metadata lacks {f.name} (so the default {f.name}={_short(mine)} applies)"
+        raise CheckpointError(
+            f"{raw.path}: {said}, but the tensors in the file give {f.name}={_short(theirs)}. {fix}", path=raw.path,
+            key=META_CONFIG if source == "metadata" else None, field=f.name, value=mine)
+
+
+def _resolve_config(raw: RawCheckpoint, kind: str, overrides: dict[str, Any]) -> Any:
+    """The network config: stored in the metadata, or read from the tensor shapes; either way checked against the
+    tensors (types, ranges, and every field the shapes tell) before anything is built, so the work is bounded by the
+    file's tensors whatever its metadata claims."""
+    _, config_class, infer = _model_api(kind)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    stored = raw.config_dict
+    not_in_tensors = _NOT_IN_TENSORS[kind]
+    if stored is not None:  # first what the tensors cannot check, then compare the rest with the tensors
+        _check_config_values(raw, kind, {k: v for k, v in stored.items() if k in not_in_tensors
+                                         or k not in {f.name for f in dataclasses.fields(config_class)}}, "metadata")
+    _check_config_values(raw, kind, overrides, "argument")
+    _check_inference_tensors(raw, kind)
+    if stored is not None:
+        defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+        _check_config_fits_tensors(raw, kind, {**defaults, **stored, **overrides}, stored, overrides)
+        _check_config_values(raw, kind, stored, "metadata")
+    try:
+        if stored is not None:
+            config = config_class.from_dict({**stored, **overrides})
+        else:
+            known = _known(raw.path)
+            if known is not None:
+                overrides = {**dict(known.overrides), **overrides}
+            config = infer(raw.tensors, **overrides)
+    except CheckpointError:
+        raise
+    except _CONFIG_ERRORS as error:
+        where = f"its '{META_CONFIG}' metadata" if stored is not None else "its tensors"
+        named = [f.name for f in dataclasses.fields(config_class) if re.search(rf"\b{f.name}\b", str(error))]
+        raise CheckpointError(
+            f"{raw.path}: cannot read the config of {KINDS[kind].description} from {where}: {_sentence(error)}. "
+            + ("The metadata is damaged or was edited by hand: use an intact copy of the file." if stored is not None
+               else "The file is damaged or not a GRN model."),
+            path=raw.path, key=META_CONFIG if stored is not None else None,
+            field=named[0] if named else None) from error
+    _check_config_values(raw, kind, config.to_dict(), "tensors" if stored is None else "metadata")
+    _check_config_fits_tensors(raw, kind, config, stored, overrides)
+    return config
 
 
 def _check_keys(raw: RawCheckpoint, kind: str, model: nn.Module) -> None:
     """Compare file and network key by key and shape by shape, so a mismatch is reported before any weight moves."""
     expected = model.state_dict()
+    _check_dtypes(raw, expected)
     missing = [k for k in expected if k not in raw.tensors]
     unexpected = [k for k in raw.tensors if k not in expected]
     wrong_shape = [
@@ -232,8 +439,38 @@ def _check_keys(raw: RawCheckpoint, kind: str, model: nn.Module) -> None:
     if problems:
         raise CheckpointError(
             f"{raw.path}: the tensors do not fit {KINDS[kind].description} with the inferred config: "
-            f"{'; '.join(problems)}. The file may be damaged, or a different model version."
+            f"{'; '.join(problems)}. The file may be damaged, or a different model version.", path=raw.path,
+            key=(missing or unexpected or [w.split(" ")[0] for w in wrong_shape])[0]
         )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_dtypes(raw: RawCheckpoint, expected: Mapping[str, torch.Tensor]) -> None:
+    """Every weight the network takes as floating point is a dense floating-point tensor in the file."""
+    for name, want in expected.items():
+        have = raw.tensors.get(name)
+        if have is None:
+            continue
+        if have.layout != torch.strided or getattr(have, "is_quantized", False):
+            raise CheckpointError(
+                f"{raw.path}: tensor '{name}' is stored as a {str(have.layout).replace('torch.', '')}"
+                f"{' quantized' if have.is_quantized else ''} tensor; GRN networks take dense weights. The file "
+                "is damaged or was written by another tool: use the official file or a .safetensors export of it.",
+                path=raw.path, key=name, value=str(have.layout))
+        if want.is_floating_point() and not have.is_floating_point():
+            raise CheckpointError(
+                f"{raw.path}: tensor '{name}' is stored as {_dtype_name(have.dtype)}, but it is a weight of "
+                f"floating-point type {_dtype_name(want.dtype)} (files may hold float32, float16, bfloat16, float64 "
+                "or fp8). The file is damaged or was written by another tool: use an intact copy of the file.",
+                path=raw.path, key=name, value=_dtype_name(have.dtype))
+        if not want.is_floating_point() and (have.is_floating_point() or have.is_complex()):
+            raise CheckpointError(
+                f"{raw.path}: tensor '{name}' is stored as {_dtype_name(have.dtype)}, but the network keeps it as "
+                f"{_dtype_name(want.dtype)}. The file is damaged: use an intact copy of the file.",
+                path=raw.path, key=name, value=_dtype_name(have.dtype))
 
 
 def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype | None, device: Any,
@@ -249,6 +486,7 @@ def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype 
         model = model_class(config)
     _check_keys(raw, kind, model)
     state = {k: raw.tensors[k] for k in model.state_dict()}
+    check_finite(raw.path, state)  # NaN/Inf weights would give wrong output silently
     model.load_state_dict(state, strict=True, assign=True)
     still_meta = [name for name, t in model.named_buffers() if t.is_meta]
     if still_meta:
@@ -260,10 +498,26 @@ def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype 
             owner._buffers[attr] = fresh.get_buffer(name)
         del fresh
     cast_network(model, precision)
+    wider = (torch.float32, torch.float64, torch.bfloat16)
+    if precision.storage == torch.float16 and any(t.dtype in wider for t in state.values()):
+        _check_cast_overflow(raw, model, "float16")
     if not stay_on_cpu:
         model.to(device=device)
     model.eval()
     return model
+
+
+def _check_cast_overflow(raw: RawCheckpoint, model: nn.Module, target: str) -> None:
+    """A weight finite in the file but beyond the range of the storage dtype (65504 for float16) becomes Inf."""
+    for name, tensor in model.state_dict().items():
+        try:
+            check_finite(raw.path, [(name, tensor)])
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{raw.path}: tensor '{name}' holds values beyond the range of {target} (largest magnitude in the "
+                f"file: {float(raw.tensors[name].float().abs().max()) if name in raw.tensors else float('nan'):g}); "
+                f"stored as {target} they become Inf. Load it with dtype='bf16' or 'fp32' instead.",
+                path=raw.path, key=name, value=target) from error
 
 
 def _layout_for(raw: RawCheckpoint, layout: str | None) -> str:
@@ -272,7 +526,14 @@ def _layout_for(raw: RawCheckpoint, layout: str | None) -> str:
             raise ValueError(f"layout '{layout}' is not one of: auto, joint, prefix.")
         return layout
     if raw.metadata.get(META_LAYOUT):
-        return raw.metadata[META_LAYOUT]
+        stored = raw.metadata[META_LAYOUT]
+        if stored not in LAYOUTS:
+            raise CheckpointError(
+                f"{raw.path}: its '{META_LAYOUT}' metadata says {stored[:40]!r}; valid layouts: "
+                f"{', '.join(LAYOUTS)}. The metadata is damaged or was edited by hand: pass layout='joint' or "
+                "'prefix' explicitly, or use an intact copy of the file.", path=raw.path, key=META_LAYOUT,
+                value=stored)
+        return stored
     known = _known(raw.path)
     if known is not None and known.layout:
         return known.layout
@@ -283,9 +544,24 @@ def _layout_for(raw: RawCheckpoint, layout: str | None) -> str:
     return "joint"
 
 
+_KIND_TASKS: dict[str, tuple[str, ...]] = {"refiner": BIT_TASKS, "c2i": ("c2i",)}
+
+
 def tasks_of(raw: RawCheckpoint, kind: str) -> tuple[str, ...]:
+    """The tasks a file's network does: from its ``grn.tasks`` metadata (checked against the valid tasks of its
+    kind), its release name, or its kind."""
     if raw.metadata.get(META_TASKS):
-        return tuple(t for t in raw.metadata[META_TASKS].split(",") if t)
+        stored = raw.metadata[META_TASKS]
+        tasks = tuple(t for t in stored.split(",") if t)
+        valid = _KIND_TASKS.get(kind, TASKS)
+        bad = [t for t in tasks if t not in valid]
+        if bad or not tasks:
+            raise CheckpointError(
+                f"{raw.path}: its '{META_TASKS}' metadata says {stored[:60]!r}; valid tasks for "
+                f"{KINDS[kind].description if kind in KINDS else kind} are: {', '.join(valid)} (comma-separated). "
+                "The metadata is damaged or was edited by hand: use an intact copy of the file, or re-create it "
+                "with `python -m grn_core convert`.", path=raw.path, key=META_TASKS, value=stored)
+        return tasks
     known = _known(raw.path)
     if known is not None and known.tasks:
         return known.tasks
@@ -392,11 +668,49 @@ def save_checkpoint(
     path: str | Path,
     metadata: Mapping[str, str],
 ) -> Path:
-    """Write tensors + metadata as one safetensors file (contiguous CPU copies; shared storage is split)."""
+    """Write tensors + metadata as one safetensors file (contiguous CPU copies; shared storage is split).
+
+    The file is written next to ``path`` under a temporary name and renamed into place only once complete: a failure
+    (full disk, a bad tensor, an interrupt) leaves any previous file at ``path`` untouched and no partial file behind.
+    A folder, or a place that cannot be written, is a :class:`CheckpointError` naming it.
+    """
+    import os
+    import tempfile
+
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(flat, str(path), metadata=dict(metadata))
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: this is a folder; give the output a file name, e.g. {path / 'model.safetensors'}.", path=path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+    except OSError as error:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (error.strerror or str(error))
+        raise CheckpointError(f"{path}: cannot write here ({why}). Pick a folder you can write to.",
+                              path=path) from error
+    temp = Path(temp_name)
+    try:
+        flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        save_file(flat, str(temp), metadata=dict(metadata))
+        if path.exists():  # keep the old file's permission bits; mkstemp creates 0600
+            os.chmod(temp, path.stat().st_mode & 0o7777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except BaseException as error:
+        temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(
+                f"{path}: writing the file failed ({error.strerror or error}); nothing was changed there. Check the "
+                "free space and permissions.", path=path) from error
+        if type(error).__name__ == "SafetensorError":
+            raise CheckpointError(f"{path}: writing the file failed ({error}); nothing was changed there.",
+                                  path=path) from error
+        raise
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import read_checkpoint
+from .checkpoint_files import CheckpointError, check_finite, is_finite_tensor, read_checkpoint
 from .checkpoints import (
     FP8_DTYPES,
     _check_keys,
@@ -43,10 +43,19 @@ def cast_for_storage(name: str, tensor: torch.Tensor, dtype: torch.dtype | None)
 
 def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
             layout: str | None = None, in_context_start: int | None = None) -> Path:
-    """Read ``src``, validate it against its network, and write ``dst`` (.safetensors) with full metadata."""
+    """Read ``src``, validate it against its network, and write ``dst`` (.safetensors) with full metadata.
+
+    Everything is checked before a byte is written: kind, config, keys, shapes and dtypes, and that every weight is
+    finite both in ``src`` and in the storage dtype. ``dst`` is replaced only once the new file is complete, so a
+    failed conversion leaves an existing ``dst`` as it was.
+    """
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
-        raise ValueError(f"{dst}: the output must be a .safetensors file.")
+        raise CheckpointError(
+            f"{dst}: the output must be a .safetensors file (e.g. {dst.with_suffix('.safetensors')}).", path=dst)
+    if dst.is_dir():
+        raise CheckpointError(f"{dst}: this is a folder; give the output a file name, e.g. "
+                              f"{dst / 'model.safetensors'}.", path=dst)
     storage = parse_dtype(dtype)
     raw = read_checkpoint(src, ("ema", "vae", "model_ema1", "model"))
     kind = _kind_of(raw)
@@ -62,9 +71,38 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     with torch.device("meta"):
         network = model_class(config)
     _check_keys(raw, kind, network)
-    tensors = {k: cast_for_storage(k, raw.tensors[k], storage) for k in network.state_dict()}
+    names = list(network.state_dict())
+    check_finite(raw.path, ((k, raw.tensors[k]) for k in names))  # never copy NaN/Inf weights into a new file
+    tensors = {k: cast_for_storage(k, raw.tensors[k], storage) for k in names}
+    if storage is not None:
+        _check_storage_range(raw, tensors, storage)
     meta = checkpoint_metadata(kind, config, resolved_layout, tasks_of(raw, kind), source=Path(src).name)
     return save_checkpoint(tensors, dst, meta)
+
+
+def _largest_magnitude(t: torch.Tensor) -> float:
+    if t.numel() == 0:
+        return 0.0
+    if t.element_size() == 1:  # fp8: no aminmax kernel; upcast in chunks
+        return max(float(c.float().abs().amax()) for c in t.reshape(-1).split(1 << 24))
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high))
+
+
+def _check_storage_range(raw, tensors: dict[str, torch.Tensor], storage: torch.dtype) -> None:
+    """Weights finite in the source must stay finite (and fp8 ones unsaturated) in the storage dtype."""
+    for name, stored in tensors.items():
+        source = raw.tensors[name]
+        if stored.dtype == source.dtype or not stored.is_floating_point():
+            continue
+        limit = torch.finfo(stored.dtype).max
+        largest = _largest_magnitude(source.detach())
+        if largest > limit or not is_finite_tensor(stored):
+            target = str(stored.dtype).replace("torch.", "")
+            raise CheckpointError(
+                f"{raw.path}: tensor '{name}' holds values up to {largest:g}, beyond the range of {target} (largest "
+                f"{limit:g}); stored as {target} they would become Inf/NaN or be clipped. Convert with --dtype bf16 "
+                "or fp32 instead.", path=raw.path, key=name, value=target)
 
 
 if __name__ == "__main__":  # ``python -m grn_core.convert ...`` is ``python -m grn_core convert ...``

@@ -7,7 +7,7 @@ file and where it goes.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -22,39 +22,110 @@ def default_model_dir() -> Path:
     return Path(os.environ.get("GRN_MODEL_DIR", "models/grn"))
 
 
-def tiny_available() -> bool:
-    return (TINY_DIR / "refiner.safetensors").is_file() and (TINY_DIR / "tokenizer.safetensors").is_file()
+def tiny_available(folder: Path | str | None = None) -> bool:
+    folder = Path(folder) if folder is not None else TINY_DIR
+    return (folder / "refiner.safetensors").is_file() and (folder / "tokenizer.safetensors").is_file()
 
 
-def load_tiny(device: Any = "cpu", dtype: Any = None, offload: Any = "auto", attention: str = "auto"):
+def load_tiny(device: Any = "cpu", dtype: Any = None, offload: Any = "auto", attention: str = "auto",
+              folder: Path | str | None = None):
     """The built-in tiny text-to-video model: refiner, tokenizer and its download-free text encoder, with what its
     file says about it (live-preview projection, native size, calibrated adaptive-step rule). ``device``, ``dtype``,
-    ``offload`` and ``attention`` as for :func:`grn_core.pipeline.load_model`."""
-    from .checkpoint_files import read_checkpoint
+    ``offload`` and ``attention`` as for :func:`grn_core.pipeline.load_model`; ``folder``: where its two files are
+    (default: the copy shipped in the package). Damaged metadata is a CheckpointError naming the file and key."""
     from .pipeline import load_model
-    from .sampler import AdaptiveSteps, LatentRGBProjection
-    from .text.hashed import HashedTextEncoder
 
-    if not tiny_available():
+    folder = Path(folder) if folder is not None else TINY_DIR
+    if not tiny_available(folder):
         raise ValueError(
-            f"the built-in tiny model is not in this copy of the library (expected {TINY_DIR}/refiner.safetensors "
+            f"the built-in tiny model is not in this copy of the library (expected {folder}/refiner.safetensors "
             "and tokenizer.safetensors). It is produced by `python -m grn_core.train`; until then use --model PATH "
             "with released files."
         )
-    model = load_model(TINY_DIR / "refiner.safetensors", TINY_DIR / "tokenizer.safetensors", dtype=dtype, device=device,
+    model = load_model(folder / "refiner.safetensors", folder / "tokenizer.safetensors", dtype=dtype, device=device,
                        offload=offload, attention=attention)
-    meta = read_checkpoint(TINY_DIR / "refiner.safetensors").metadata
-    model.text_encoder = HashedTextEncoder.from_config(json.loads(meta["grn.text_encoder"]))
-    if "grn.preview" in meta:
-        model.preview = LatentRGBProjection.from_dict(json.loads(meta["grn.preview"]))
-    if "grn.defaults" in meta:
-        model.defaults = json.loads(meta["grn.defaults"])
-    # Trained with the empty prompt as the unconditional branch (cond dropout), never with the demos' negative list.
-    model.defaults.setdefault("negative", "")
-    if "grn.adaptive" in meta:
-        model.adaptive = AdaptiveSteps(**json.loads(meta["grn.adaptive"]))
+    _apply_tiny_metadata(model, folder / "refiner.safetensors")
     model.name = "tiny"
     return model
+
+
+_TINY_DEFAULT_LIMITS = {"width": 16384, "height": 16384, "frames": 4096}
+
+
+def _apply_tiny_metadata(model: Any, path: Path) -> None:
+    """Text encoder, preview, default size and adaptive-step rule from the tiny refiner's metadata, each checked."""
+    from .checkpoint_files import CheckpointError, metadata_json, read_checkpoint
+    from .sampler import AdaptiveSteps, LatentRGBProjection
+    from .text.hashed import HashedTextEncoder
+
+    meta = read_checkpoint(path).metadata
+
+    def bad(key: str, why: str, value: Any) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: its '{key}' metadata is unusable: {why}. The file is damaged or its metadata was edited by "
+            "hand: use an intact copy (reinstall ComfyUI-GRN, or re-create it with `python -m grn_core.train`).",
+            path=path, key=key, value=value)
+
+    text = metadata_json(path, meta, "grn.text_encoder", dict, required=True)
+    try:
+        encoder = HashedTextEncoder.from_config(text)
+    except (ValueError, TypeError, KeyError) as error:
+        raise bad("grn.text_encoder", str(error), text) from error
+    if encoder.max_tokens > 65536:
+        raise bad("grn.text_encoder", f"max_tokens={encoder.max_tokens} is beyond 65536", text)
+    if model.text_channels is not None and encoder.dim != model.text_channels:
+        raise bad("grn.text_encoder", f"dim={encoder.dim} but the refiner takes {model.text_channels}-wide text "
+                                      "features", text)
+    model.text_encoder = encoder
+
+    preview = metadata_json(path, meta, "grn.preview", dict)
+    if preview is not None:
+        try:
+            projection = LatentRGBProjection.from_dict(preview)
+        except (ValueError, TypeError, KeyError, RuntimeError) as error:
+            raise bad("grn.preview", f"it needs 'weight' [{model.latent_channels}, 3] and 'bias' [3] lists of "
+                                     f"numbers ({error})", preview) from error
+        shapes = (tuple(projection.weight.shape), tuple(projection.bias.shape))
+        if shapes != ((model.latent_channels, 3), (3,)):
+            raise bad("grn.preview", f"'weight' and 'bias' have shapes {shapes[0]} and {shapes[1]}, expected "
+                                     f"({model.latent_channels}, 3) and (3,)", preview)
+        if not (_all_finite(projection.weight) and _all_finite(projection.bias)):
+            raise bad("grn.preview", "it holds NaN or Inf numbers", preview)
+        model.preview = projection
+
+    defaults = metadata_json(path, meta, "grn.defaults", dict)
+    if defaults is not None:
+        for key, limit in _TINY_DEFAULT_LIMITS.items():
+            value = defaults.get(key)
+            if key in defaults and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
+                raise bad("grn.defaults", f"{key}={value!r} must be an integer in 1..{limit}", defaults)
+        if "negative" in defaults and not isinstance(defaults["negative"], str):
+            raise bad("grn.defaults", f"negative={defaults['negative']!r} must be a string", defaults)
+        model.defaults = dict(defaults)
+    # Trained with the empty prompt as the unconditional branch (cond dropout), never with the demos' negative list.
+    model.defaults.setdefault("negative", "")
+
+    adaptive = metadata_json(path, meta, "grn.adaptive", dict)
+    if adaptive is not None:
+        try:
+            rule = AdaptiveSteps(**adaptive)
+        except TypeError as error:
+            raise bad("grn.adaptive", f"it needs exactly warmup, k, b, min_steps and calibrated ({error})",
+                      adaptive) from error
+        ints_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (rule.warmup, rule.min_steps))
+        nums_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in (rule.k, rule.b))
+        if not (ints_ok and nums_ok and 0 <= rule.warmup < rule.min_steps <= 100000
+                and isinstance(rule.calibrated, bool)):
+            raise bad("grn.adaptive", "it needs integers 0 <= warmup < min_steps, finite numbers k and b, and a "
+                                      f"true/false calibrated; got {adaptive}", adaptive)
+        model.adaptive = rule
+
+
+def _all_finite(t: Any) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
 
 
 def released_files(name: str, model_dir: Path) -> dict[str, Path]:
