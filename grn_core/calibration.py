@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,12 +287,19 @@ def calibrate(run: CalibrationRun, scorer: Scorer, warmup: int = WARMUP, min_ste
     }
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def read_rule(path: str | Path) -> AdaptiveSteps:
     """The rule from a file written by ``calibrate --out`` (the whole report, or just its ``rule``)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
         raise ValueError(f"--adaptive-rule {path}: not a readable JSON file ({error}); write one with "
                          f"`python -m grn_core calibrate --out {path.name}`.") from error
     data = data.get("rule", data) if isinstance(data, dict) else data
@@ -299,4 +307,18 @@ def read_rule(path: str | Path) -> AdaptiveSteps:
     if not isinstance(data, dict) or not {"warmup", "k", "b", "min_steps"} <= set(data) or set(data) - fields:
         raise ValueError(f"--adaptive-rule {path}: expected a JSON object with warmup, k, b and min_steps (as "
                          f"`python -m grn_core calibrate --out` writes), got {str(data)[:120]}.")
-    return AdaptiveSteps(**data)
+    fix = f"write the rule with `python -m grn_core calibrate --out {path.name}`, or correct the file by hand"
+    for name in ("warmup", "min_steps"):
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--adaptive-rule {path}: {name} is {value!r}, not a whole number; {fix}.")
+    for name in ("k", "b"):
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise ValueError(f"--adaptive-rule {path}: {name} is {str(value)[:40]}, not a finite number; {fix}.")
+    if "calibrated" in data and not isinstance(data["calibrated"], bool):
+        raise ValueError(f"--adaptive-rule {path}: calibrated is {data['calibrated']!r}, not true/false; {fix}.")
+    if not 0 <= data["warmup"] < data["min_steps"]:
+        raise ValueError(f"--adaptive-rule {path}: needs 0 <= warmup < min_steps, got warmup={data['warmup']}, "
+                         f"min_steps={data['min_steps']}; {fix}.")
+    return AdaptiveSteps(**{**data, "k": float(data["k"]), "b": float(data["b"])})

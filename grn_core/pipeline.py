@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -28,11 +30,12 @@ import torch
 from torch import nn
 
 from . import hbq
-from .presets import JOINT_PROMPT_TEMPLATES, PREFIX_PROMPT_TEMPLATES, TASKS, preset
+from .presets import JOINT_PROMPT_TEMPLATES, MAX_FRAMES, PREFIX_PROMPT_TEMPLATES, TASKS, preset
 from .releases import I2V_FILE
+from .request import MAX_BUCKET_CELLS, MAX_LATENT_SIDE, check_seed
 from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer, parse_dtype
 from .runtime.fp8 import Fp8Linear
-from .runtime.memory import decode_advice, oom_guard, refiner_step_bytes, step_advice
+from .runtime.memory import decode_advice, format_bytes, oom_guard, refiner_step_bytes, step_advice
 from .runtime.offload import OffloadPolicy, auto_policy, module_bytes, on_device
 from .runtime.precision import resolve_precision
 from .sampler import AdaptiveSteps, LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
@@ -121,10 +124,18 @@ class GRNModel:
 
     @property
     def weight_dtype(self) -> str:
-        """The refiner's weight storage, as a setting name (``bf16``, ``fp8_e4m3fn`` …)."""
+        """The refiner's weight storage, as a setting name (``bf16``, ``fp8_e4m3fn`` …); ``gguf:q8_0`` and the like
+        for a GGUF refiner (the type holding most of its quantised weights)."""
+        from .formats import GGUFLinear
+
+        quantised: dict[str, int] = {}
         for module in self.refiner.modules():
             if isinstance(module, Fp8Linear):
                 return "fp8_" + str(module.fp8_dtype).split("float8_")[-1]
+            if isinstance(module, GGUFLinear):
+                quantised[module.qtype] = quantised.get(module.qtype, 0) + module.in_features * module.out_features
+        if quantised:
+            return "gguf:" + max(quantised, key=quantised.get).lower()
         dtype = next(self.refiner.parameters()).dtype
         return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                 torch.float64: "fp64"}.get(dtype, str(dtype))
@@ -348,13 +359,27 @@ class TokenResult:
 def latent_grid_for(model: GRNModel, width: int, height: int, frames: int) -> tuple[int, int, int]:
     """Latent ``(t, h, w)`` of an output size, or a ValueError saying which sizes work."""
     sf, tf = model.spatial_factor, model.temporal_factor
+
+    def sane(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            abs(value) < 1e12
+
     for name, size in (("width", width), ("height", height)):
-        if not isinstance(size, int) or size < sf or size % sf:
-            near = max(sf, sf * round(size / sf)) if isinstance(size, (int, float)) else sf
-            raise ValueError(f"{name} {size} is not a positive multiple of {sf} pixels; use {near}.")
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % tf:
-        lower = 1 + tf * max(0, (int(frames) - 1) // tf) if isinstance(frames, (int, float)) else 1
-        raise ValueError(f"frames {frames}: videos need 1 + {tf}k frames (1 for an image); use {lower} or {lower + tf}.")
+        if isinstance(size, bool) or not isinstance(size, int) or size < sf or size % sf:
+            near = max(sf, sf * round(size / sf)) if sane(size) else sf
+            raise ValueError(f"{name} {size!r} is not a positive multiple of {sf} pixels; use {near} (or plan the "
+                             "size with grn_core.request.plan_size).")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % tf:
+        lower = 1 + tf * max(0, (int(frames) - 1) // tf) if sane(frames) else 1
+        raise ValueError(f"frames {frames!r}: videos need 1 + {tf}k frames (1 for an image); use {lower} or "
+                         f"{lower + tf}.")
+    if frames > MAX_FRAMES:
+        raise ValueError(f"frames {frames}: at most {MAX_FRAMES}, the longest clip the models were trained on.")
+    h, w = height // sf, width // sf
+    if h * w > MAX_BUCKET_CELLS or max(h, w) > MAX_LATENT_SIDE:
+        raise ValueError(f"{width}x{height} is {h * w} latent cells per frame ({w} x {h}), beyond every trained "
+                         f"bucket (at most {MAX_BUCKET_CELLS} cells, {MAX_LATENT_SIDE} on a side); plan the size with "
+                         "grn_core.request.plan_size.")
     return 1 + (frames - 1) // tf, height // sf, width // sf
 
 
@@ -381,7 +406,8 @@ def encode_first_frame(model: GRNModel, image: torch.Tensor, width: int, height:
     if tuple(image.shape[-2:]) != (height, width):
         raise ValueError(
             f"the first frame is {image.shape[-1]}x{image.shape[-2]} but the video is {width}x{height}; "
-            "prepare it with grn_core.request.prepare_first_frame (cover-resize and centre crop, as official)."
+            "prepare it with grn_core.request.prepare_first_frame (cover-resize and centre crop, as official), or "
+            "resize or crop it to the video's size yourself."
         )
     return encode_clip(model, image.unsqueeze(2))
 
@@ -404,6 +430,7 @@ def generate_tokens(
     task = features.task
     if model.is_c2i:
         raise ValueError("class-to-image models take a class index, not a prompt: use generate_class_tokens.")
+    check_seed(request.seed)
     grid = latent_grid_for(model, request.width, request.height, request.frames)
     if task == "t2i" and request.frames != 1:
         raise ValueError(f"text-to-image makes one frame, got frames={request.frames}; use a T2V model for video.")
@@ -486,6 +513,118 @@ def _refiner_dtypes(refiner: nn.Module) -> tuple[torch.dtype, torch.dtype]:
     return dtype, dtype
 
 
+def available_memory(device: Any) -> Optional[int]:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the system's available RAM for the CPU
+    (``MemAvailable`` of /proc/meminfo; None where that file does not exist). None: unknown, nothing is checked."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except (RuntimeError, AssertionError):
+            return None
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes a request needs: on the compute device (weights not resident there + one refiner step) and in host RAM
+    (the decoded frames, float32 plus the stacked copy)."""
+
+    device: int
+    host: int
+
+
+def memory_need(model: GRNModel, width: int, height: int, frames: int, task: str, guidance: float,
+                text_tokens: int = 128, batch_size: int = 1) -> MemoryNeed:
+    """What :func:`check_memory` compares with the free memory (estimates of :mod:`grn_core.runtime.memory`)."""
+    host = 2 * 4 * 3 * int(frames) * int(width) * int(height) * int(batch_size)
+    if model.is_c2i:
+        return MemoryNeed(0, host)  # class-to-image steps are small and the size is fixed
+    device = model.compute_device or model.device
+    sf, tf = model.spatial_factor, model.temporal_factor
+    t, h, w = 1 + (frames - 1) // tf, height // sf, width // sf
+    if task == "i2v":
+        t -= 1
+    storage, compute = _refiner_dtypes(model.refiner)
+    step = refiner_step_bytes(model.refiner.config, (max(t, 1), h, w), text_tokens=text_tokens, batch=batch_size,
+                              branches=1 if float(guidance) == 1.0 else 2, compute=compute,
+                              first_frame=task == "i2v", storage=storage)
+    weights = 0
+    if device.type != "cpu" and model.offload.moves_models:  # weights come to the device for the stage
+        if model.offload.mode == "blocks":
+            blocks = list(model.refiner.blocks)
+            streamed = len(blocks) if model.offload.blocks is None else min(len(blocks), model.offload.blocks)
+            weights = module_bytes(model.refiner) - module_bytes(blocks[0]) * max(0, streamed - model.offload.prefetch
+                                                                                  - 1)
+        else:
+            weights = module_bytes(model.refiner)
+    if device.type == "cpu":
+        return MemoryNeed(0, max(step, host))  # the device is the host: the step and the frames never coexist
+    return MemoryNeed(weights + step, host)
+
+
+def check_memory(model: GRNModel, width: int, height: int, frames: int, task: str, guidance: float,
+                 text_tokens: int = 128, batch_size: int = 1,
+                 free: Optional[tuple[Optional[int], Optional[int]]] = None) -> MemoryNeed:
+    """Refuse (ValueError) a request whose refiner step or decoded frames would not fit the free memory, naming the
+    largest size (at this aspect and frame count) and the most frames (at this size) that fit.
+
+    ``free``: ``(device bytes, host bytes)`` to compare with (default: :func:`available_memory` now); None entries
+    (unknown, e.g. no /proc/meminfo) are not checked. Estimates are those of ``refiner_step_bytes``, so a request
+    just under the limit may still run out of memory (then ``GRNOutOfMemoryError`` says what to change)."""
+    device = model.compute_device or model.device
+    if free is None:
+        on_host = device.type == "cpu"
+        free = (None if on_host else available_memory(device), available_memory("cpu"))
+    free_device, free_host = free
+
+    def fits(w: int, h: int, f: int) -> bool:
+        need = memory_need(model, w, h, f, task, guidance, text_tokens, batch_size)
+        return (free_device is None or need.device <= free_device) and (free_host is None or need.host <= free_host)
+
+    need = memory_need(model, width, height, frames, task, guidance, text_tokens, batch_size)
+    if fits(width, height, frames):
+        return need
+    sf, tf = model.spatial_factor, model.temporal_factor
+    cells_w, cells_h = width // sf, height // sf
+    size = None
+    for cw in range(cells_w - 1, 0, -1):  # the same aspect, smaller
+        ch = max(1, round(cw * cells_h / cells_w))
+        if fits(cw * sf, ch * sf, frames):
+            size = f"{cw * sf}x{ch * sf}"
+            break
+    fewer = None
+    for f in range(frames - tf, 0, -tf):
+        if fits(width, height, f):
+            fewer = f
+            break
+    where = "the host" if device.type == "cpu" else str(device)
+    if free_device is not None and need.device > free_device:
+        what = (f"about {format_bytes(need.device)} on {where} for one refiner step (with the weights it brings "
+                f"there) but {format_bytes(free_device)} is free")
+    else:
+        what = f"about {format_bytes(need.host)} of memory but {format_bytes(free_host)} is available on the host"
+    label = f"{width}x{height}" + (f", {frames} frames" if frames > 1 else "")
+    fixes = []
+    if size is not None:
+        fixes.append(f"{size}" + (f" at {frames} frames" if frames > 1 else "") + " fits")
+    if fewer is not None:
+        fixes.append(f"{fewer} frames at {label.split(',')[0]} fit")
+    if float(guidance) != 1.0 and not model.is_c2i:
+        fixes.append("guidance 1 halves the step (no unconditional branch)")
+    hint = "; ".join(fixes) if fixes else "free memory (close other programs) or use a device with more memory"
+    raise ValueError(f"{label} needs {what}; the largest request that fits: {hint}.")
+
+
 DECODE_OVERLAP = 4  # latent cells shared by neighbouring decode tiles; the tokenizer's tail sees ~4 cells around
 
 
@@ -559,13 +698,23 @@ def generate_class_tokens(
     if not model.is_c2i:
         raise ValueError(f"{model.name or 'this model'} is a text-conditioned model; class indices need a GRN_ind file.")
     num_classes = int(model.refiner.config.num_classes)
+    if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__len__") or len(class_ids) == 0:
+        raise ValueError(f"class_ids {class_ids!r}: pass a list of ImageNet class indices (0..{num_classes - 1}), "
+                         "one per sample.")
     for class_id in class_ids:
+        if isinstance(class_id, torch.Tensor) and class_id.numel() == 1 and not class_id.is_floating_point():
+            class_id = int(class_id)
+        if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral):
+            raise ValueError(f"class index {class_id!r} is not a whole number; use an ImageNet class index "
+                             f"0..{num_classes - 1} ({num_classes} = unconditional).")
         if not 0 <= int(class_id) <= num_classes:
             raise ValueError(f"class index {class_id} is outside 0..{num_classes - 1} ({num_classes} = unconditional).")
+    check_seed(seed)
     advice = lambda: step_advice(model.weight_dtype, model.offload.describe())  # noqa: E731
     with model.stage(model.refiner), oom_guard("the class-to-image step", advice, model.compute_device), \
             torch.inference_mode():
-        result = sample_c2i(model.refiner, list(class_ids), seed=seed, settings=settings, callback=callback)
+        result = sample_c2i(model.refiner, [int(c) for c in class_ids], seed=seed, settings=settings,
+                            callback=callback)
     bits = hbq.indices_to_bits(result.bits, model.rounds).unsqueeze(2)  # [B, rounds*d, 1, h, w]
     side = int(model.refiner.config.input_size) * model.spatial_factor
     return TokenResult(bits, result, "c2i", side, side, 1)

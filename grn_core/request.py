@@ -16,18 +16,54 @@ flags or arguments give the same bits:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from .presets import ADAPTIVE_RULES, FPS, MAX_FRAMES, preset
-from .refiner.buckets import BUCKET_SIDES, VAE_STRIDE, pixel_size
+from .refiner.buckets import ASPECT_RATIOS, BUCKET_SIDES, VAE_STRIDE, latent_grid, pixel_size
 from .sampler import AdaptiveSteps, C2ISettings, SamplerSettings
 
 # Largest latent cells per frame the released models were trained on (the 2M bucket: 90 x 90).
 MAX_LATENT_CELLS = max(BUCKET_SIDES.values()) ** 2
+# Longest latent side of any trained bucket (2M at 1:3 is 52 x 156 cells): a custom size may not be longer.
+MAX_LATENT_SIDE = max(max(latent_grid(bucket, ratio)) for bucket in BUCKET_SIDES for ratio in ASPECT_RATIOS)
+# Largest latent cells per frame of any trained bucket at any trained aspect (2M at 16:9 is 68 x 120 = 8160): the most
+# a planned request can have, and what the pipeline accepts from a caller who did not plan with plan_size.
+MAX_BUCKET_CELLS = max(h * w for h, w in (latent_grid(bucket, ratio) for bucket in BUCKET_SIDES
+                                          for ratio in ASPECT_RATIOS))
+# Most sampler steps a request may ask for: the schedules were trained for 50; beyond this a run only burns time.
+MAX_STEPS = 1000
+# Largest guidance weight: the demos use 3 (C2I about 2.35); far beyond, u + w (c - u) overflows float32 into NaN.
+MAX_GUIDANCE = 1000.0
+# Seeds are 64-bit: torch generators take 0 .. 2**64 - 1 (sample k of a batch uses seed + k, modulo 2**64).
+SEED_LIMIT = 1 << 64
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in ``0 .. 2**64 - 1``, or a ValueError naming the range (no silent wrap-around)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{name} {seed!r} is not an integer; use a whole number from 0 to {SEED_LIMIT - 1}.")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{name} {seed} is outside 0..{SEED_LIMIT - 1} (2**64 - 1); seeds are 64-bit and would "
+                         "wrap around, so pick one in that range.")
+    return int(seed)
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """What :func:`plan_size` reads of a model, known without building it (from a file's header, or a released
+    model's catalogue entry): the tokenizer's factors and the native size the file names, if any. Lets a face
+    refuse an impossible size before it spends time loading weights."""
+
+    spatial_factor: int = 16
+    temporal_factor: int = 4
+    defaults: dict = field(default_factory=dict)
+    tasks: tuple[str, ...] = ()
+    adaptive: Optional[AdaptiveSteps] = None  # the file's own calibrated rule (resolve_settings reads it)
 
 
 def frames_for_duration(duration: float, temporal_factor: int = 4) -> int:
@@ -59,7 +95,12 @@ class SizePlan:
 
 
 def default_size(model: Any, task: str) -> tuple[int, int, int]:
-    """(width, height, frames) a model makes when nothing is asked: its file's native size, else the task's preset."""
+    """(width, height, frames) a model makes when nothing is asked: its file's native size, else the task's preset.
+    Class-to-image models make one fixed size (their latent side times the tokenizer stride)."""
+    config = getattr(getattr(model, "refiner", None), "config", None)
+    if task == "c2i" and hasattr(config, "input_size"):
+        side = int(config.input_size) * int(model.spatial_factor)
+        return side, side, 1
     width, height, frames = preset(task).size
     defaults = getattr(model, "defaults", None) or {}
     frames = defaults.get("frames", frames) if task in ("t2v", "i2v") else 1
@@ -76,53 +117,104 @@ def negative_prompt(model: Any, task: str, negative: Optional[str] = None) -> st
     return str(defaults.get("negative", preset(task).negative))
 
 
+def _is_number(value: Any) -> bool:
+    """A real number that is finite (ints of any size count: ``math.isfinite`` would overflow on them)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
+def _check_side(name: str, value: float, sf: int) -> None:
+    """Refuse an absurd side before any arithmetic on it (a 10**400 int overflows floats); sensible sides are checked
+    against the trained buckets after snapping."""
+    if not value < 1e9:
+        longest = MAX_LATENT_SIDE * sf
+        shown = f"{value:.3g}" if isinstance(value, float) else (str(value) if value < 10 ** 15 else
+                                                                  f"a {len(str(int(value)))}-digit number")
+        raise ValueError(f"{name} {shown} is longer than any trained bucket's side ({MAX_LATENT_SIDE} latent cells = "
+                         f"{longest} px at the most extreme trained aspect, 1:3); keep each side at most {longest} px.")
+
+
 def plan_size(model: Any, task: str, width: Optional[int] = None, height: Optional[int] = None,
               frames: Optional[int] = None, duration: float = 0.0, resolution: Optional[str] = None,
               h_over_w: Optional[float] = None, max_latent_cells: int = MAX_LATENT_CELLS) -> SizePlan:
-    """The size the sampler will make for ``task``.
+    """The size the sampler will make for ``task``: the one validator of a request's size, for every face.
 
     ``width`` / ``height`` / ``frames`` left ``None`` take the model's default size; a ``resolution`` bucket
     (``"0.41M"`` …) with ``h_over_w`` (default: height / width) replaces width/height by the bucket's trained size;
-    ``duration`` > 0 replaces frames. Sizes snap to the nearest multiple of the tokenizer's stride, frames floor to
-    ``1 + 4k`` (text-to-image and class-to-image make one frame, image-to-video at least 5).
+    ``duration`` > 0 replaces frames (capped at 81 frames, as official, and said in the note). Sizes snap to the
+    nearest multiple of the tokenizer's stride, frames floor to ``1 + 4k`` (text-to-image makes one frame,
+    image-to-video at least 5); class-to-image makes its model's one size whatever is asked (the note says so).
+
+    Refused (ValueError saying what to change), before any model work: sizes or frames that are not positive finite
+    numbers (0 never means "the default"), more than 81 frames, a custom size beyond the largest trained bucket
+    (``max_latent_cells`` latent cells per frame, or a side longer than any bucket's, :data:`MAX_LATENT_SIDE` cells).
+    ``model`` may be a loaded model or a :class:`SizeSpec`.
     """
     sf, tf = int(model.spatial_factor), int(model.temporal_factor)
     base_w, base_h, base_f = default_size(model, task)
+    if task == "c2i":  # one size per model: say so when something else was asked, rather than ignore it silently
+        asked = (base_w if width is None else width, base_h if height is None else height)
+        changed = asked != (base_w, base_h)
+        note = f"{base_w}x{base_h}" + (f" (class-to-image makes one size; asked {asked[0]}x{asked[1]})"
+                                       if changed else "")
+        return SizePlan(base_w, base_h, 1, changed, note)
     width = base_w if width is None else width
     height = base_h if height is None else height
     frames = base_f if frames is None else frames
     for name, value in (("width", width), ("height", height), ("frames", frames)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
-            raise ValueError(f"{name} {value!r} must be a positive number.")
-    if h_over_w is not None and (isinstance(h_over_w, bool) or not isinstance(h_over_w, (int, float))
-                                 or not math.isfinite(h_over_w) or h_over_w <= 0):
+        if not _is_number(value) or value < 1:
+            raise ValueError(f"{name} {value!r} must be a positive number (0 does not mean the default: leave it "
+                             f"out for the model's {name}).")
+    duration = 0.0 if duration is None else duration
+    if not _is_number(duration) or duration < 0:
+        raise ValueError(f"duration {duration!r} s must be a finite number >= 0 (0: use frames).")
+    if h_over_w is not None and (not _is_number(h_over_w) or h_over_w <= 0):
         raise ValueError(f"aspect {h_over_w!r} must be a positive height / width, e.g. 9/16 = 0.5625.")
     if frames > MAX_FRAMES and not duration:
         raise ValueError(f"frames {frames}: at most {MAX_FRAMES} ({MAX_FRAMES / FPS:g} s at {FPS} fps), the longest "
                          "clip the released models were trained on; use fewer frames.")
     if resolution not in (None, "custom"):
+        if not isinstance(resolution, str):
+            raise ValueError(f"resolution {resolution!r} is not a bucket name; use one of {list(BUCKET_SIDES)}.")
         ratio = float(h_over_w) if h_over_w is not None else height / width
         out_h, out_w = pixel_size(resolution, ratio)
         out_h, out_w = out_h // VAE_STRIDE * sf, out_w // VAE_STRIDE * sf  # keep the bucket's latent grid
+        # A bucket's size is a trained size (the 2M bucket at 16:9 is 68 x 120 = 8160 cells): no cap to check.
     else:
+        _check_side("width", width, sf)
         if h_over_w is not None:
             height = width * float(h_over_w)
+        _check_side("height", height, sf)
         out_w, out_h = max(sf, sf * round(width / sf)), max(sf, sf * round(height / sf))
-    cells = (out_w // sf) * (out_h // sf)
-    if cells > max_latent_cells:
-        side = math.isqrt(max_latent_cells) * sf
-        raise ValueError(f"{out_w}x{out_h} is {cells} latent cells per frame, beyond the largest trained bucket "
-                         f"({max_latent_cells} cells, about {side}x{side}); lower width/height or pick a bucket.")
-    if duration and duration > 0:
-        frames = frames_for_duration(duration, tf)
+        cells_w, cells_h = out_w // sf, out_h // sf
+        cells = cells_w * cells_h
+        if cells > max_latent_cells:
+            side = math.isqrt(max_latent_cells) * sf
+            raise ValueError(f"{out_w}x{out_h} is {cells} latent cells per frame, beyond the largest trained bucket "
+                             f"({max_latent_cells} cells, about {side}x{side}); lower width/height or pick a bucket.")
+        if max(cells_w, cells_h) > MAX_LATENT_SIDE:
+            longest = MAX_LATENT_SIDE * sf
+            raise ValueError(f"{out_w}x{out_h}: a side of {max(cells_w, cells_h)} latent cells is longer than any "
+                             f"trained bucket's ({MAX_LATENT_SIDE} cells = {longest} px at the most extreme trained "
+                             f"aspect, 1:3); keep each side at most {longest} px.")
+    duration_note = ""
+    if duration > 0:
+        wanted = int(duration * FPS + 1) if duration < 1e12 else MAX_FRAMES + 1
+        frames = frames_for_duration(min(duration, 1e12), tf)
+        if wanted > MAX_FRAMES and task not in ("t2i", "c2i"):
+            asked_s = float(min(duration, 10 ** 12))
+            duration_note = f"asked {asked_s:g} s; at most {MAX_FRAMES} frames, {MAX_FRAMES / FPS:g} s"
     out_frames = 1 if task in ("t2i", "c2i") else snap_frames(frames, tf)
     if task == "i2v":
         out_frames = max(out_frames, 1 + tf)
     asked = (int(width), int(round(height)), int(frames))
-    snapped = (out_w, out_h, out_frames) != asked
+    snapped = (out_w, out_h, out_frames) != asked or bool(duration_note)
     note = f"{out_w}x{out_h}" + (f", {out_frames} frames" if out_frames > 1 else "")
-    if snapped:
+    if (out_w, out_h, out_frames) != asked:
         note += f" (asked {asked[0]}x{asked[1]}" + (f", {asked[2]} frames" if asked[2] != out_frames else "") + ")"
+    if duration_note:
+        note += f" ({duration_note})"
     return SizePlan(out_w, out_h, out_frames, snapped, note)
 
 
@@ -147,6 +239,14 @@ def resolve_settings(model: Any, task: str, *, steps: Optional[int] = None, guid
     four without ``adaptive`` on are refused rather than ignored.
     """
     base = preset(task)
+    if steps is not None and not isinstance(steps, bool) and isinstance(steps, numbers.Integral) and \
+            steps > MAX_STEPS:
+        raise ValueError(f"steps {steps}: at most {MAX_STEPS} (the models were trained for {base.steps}; more steps "
+                         "only cost time); use fewer steps.")
+    if guidance is not None and not isinstance(guidance, bool) and isinstance(guidance, numbers.Real) and \
+            math.isfinite(guidance) and guidance > MAX_GUIDANCE:
+        raise ValueError(f"guidance {guidance:g}: at most {MAX_GUIDANCE:g} (the demos use {base.guidance:g}; far "
+                         "larger weights overflow the guided logits into NaN); use a smaller guidance.")
     adaptive = base.adaptive if adaptive is None else bool(adaptive)
     tweaks = {name: value for name, value in (("warmup", warmup), ("min_steps", min_steps), ("k", k), ("b", b))
               if value is not None}
@@ -223,20 +323,39 @@ def prepare_clip(frames: Any, width: int = 0, height: int = 0, spatial_factor: i
                  temporal_factor: int = 4) -> torch.Tensor:
     """Frames of one clip ``[N, H, W, 3]`` (float in [0, 1] or uint8) → ``[1, 3, T, height, width]`` in [-1, 1] for
     the tokenizer: each frame prepared as a first frame (:func:`prepare_first_frame`), ``T`` = ``N`` floored to
-    ``1 + 4k``. ``width`` / ``height`` 0: the frames' own size, floored to the tokenizer grid."""
+    ``1 + 4k``. ``width`` / ``height`` 0: the frames' own size, floored to the tokenizer grid. Refused (ValueError):
+    sizes that are not whole numbers >= 0, sizes beyond the largest trained bucket, more than 81 frames."""
     if not hasattr(frames, "shape") or len(frames.shape) != 4 or frames.shape[-1] not in (3, 4) or frames.shape[0] < 1:
         shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
         raise ValueError(f"expected frames [N, H, W, 3], got shape {shape}.")
     n, h, w = (int(v) for v in frames.shape[:3])
-    width = int(width) or max(spatial_factor, w // spatial_factor * spatial_factor)
-    height = int(height) or max(spatial_factor, h // spatial_factor * spatial_factor)
-    if width % spatial_factor or height % spatial_factor or width < 0 or height < 0:
-        raise ValueError(f"width/height must be multiples of {spatial_factor}, got {width}x{height}.")
+    if h < 1 or w < 1:
+        raise ValueError(f"the frames are {w}x{h} pixels; pass pictures with pixels in them.")
+    sf = spatial_factor
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) and not (
+                isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()) or value < 0:
+            raise ValueError(f"{name} {value!r} must be a whole number of pixels >= 0 (0: the picture's own {name}, "
+                             f"floored to a multiple of {sf}).")
+    width = int(width) or max(sf, w // sf * sf)
+    height = int(height) or max(sf, h // sf * sf)
+    if width % sf or height % sf:
+        raise ValueError(f"width/height must be multiples of {sf}, got {width}x{height}.")
+    cells = (width // sf) * (height // sf)
+    if cells > MAX_LATENT_CELLS or max(width, height) // sf > MAX_LATENT_SIDE:
+        side = math.isqrt(MAX_LATENT_CELLS) * sf
+        raise ValueError(f"{width}x{height} is {cells} latent cells per frame, beyond the largest trained bucket "
+                         f"({MAX_LATENT_CELLS} cells, about {side}x{side}; each side at most "
+                         f"{MAX_LATENT_SIDE * sf} px); set a smaller width/height.")
     count = snap_frames(n, temporal_factor)
+    if count > MAX_FRAMES:
+        raise ValueError(f"{n} frames: at most {MAX_FRAMES} (the longest clip the models were trained on); pass "
+                         "fewer frames.")
     clip = torch.stack([prepare_first_frame(frames[i], width, height) for i in range(count)], dim=1)
     return clip.unsqueeze(0)
 
 
-__all__ = ["MAX_LATENT_CELLS", "SizePlan", "default_size", "frames_for_duration", "model_rule", "negative_prompt",
-           "plan_size",
-           "prepare_clip", "prepare_first_frame", "resolve_settings", "snap_frames"]
+__all__ = ["MAX_BUCKET_CELLS", "MAX_GUIDANCE", "MAX_LATENT_CELLS", "MAX_LATENT_SIDE", "MAX_STEPS", "SEED_LIMIT",
+           "SizePlan", "SizeSpec", "check_seed", "default_size",
+           "frames_for_duration", "model_rule", "negative_prompt", "plan_size", "prepare_clip", "prepare_first_frame",
+           "resolve_settings", "snap_frames"]

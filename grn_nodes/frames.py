@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from grn_core.pipeline import DECODE_OVERLAP, TokenResult, decode_tokens, encode_clip
@@ -25,8 +27,14 @@ def decode_to_images(loaded: LoadedGRN, tokens: TokenResult, tile: int = 0,
     if bits.shape[1] != model.rounds * model.latent_channels:
         raise GRNNodeError(f"{DECODE}: the tokens have {bits.shape[1]} bit channels but {loaded.tokenizer_name} "
                            f"decodes {model.rounds * model.latent_channels}; use the GRN_MODEL that made them.")
+    if isinstance(tile, bool) or not (isinstance(tile, numbers.Integral) or
+                                      (isinstance(tile, numbers.Real) and float(tile).is_integer())):
+        raise GRNNodeError(f"{DECODE}: tile {tile!r} must be a whole number: 0 (automatic) or a tile size in latent "
+                           "cells.")
     if tile < 0:
         raise GRNNodeError(f"{DECODE}: tile {tile} is negative; use 0 (automatic) or a tile size in latent cells.")
+    if isinstance(overlap, bool) or not isinstance(overlap, numbers.Integral) or overlap < 0:
+        raise GRNNodeError(f"{DECODE}: overlap {overlap!r} must be a whole number of latent cells >= 0.")
     with errors_from(DECODE):
         frames = decode_tokens(model, bits, tile=int(tile) if tile else "auto", overlap=int(overlap))
     return frames.flatten(0, 1).contiguous()  # [B, T, H, W, 3] -> [B*T, H, W, 3]

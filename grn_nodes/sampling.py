@@ -8,6 +8,7 @@ unless ``adaptive_rule`` is ``custom``, and a first frame is prepared as the off
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -65,6 +66,21 @@ def plan_size(loaded: LoadedGRN, width: int, height: int, frames: int, resolutio
                             resolution=resolution, h_over_w=ASPECTS[aspect])
 
 
+def whole(node: str, name: str, value: Any) -> int:
+    """A widget that must hold a whole number (a workflow file may carry 3.7 or NaN: refused, never truncated)."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or
+                                       (isinstance(value, numbers.Real) and float(value).is_integer())):
+        raise GRNNodeError(f"{node}: {name} {value!r} must be a whole number.")
+    return int(value)
+
+
+def number(node: str, name: str, value: Any) -> float:
+    """A widget that must hold a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise GRNNodeError(f"{node}: {name} {value!r} must be a finite number.")
+    return float(value)
+
+
 def build_settings(loaded: LoadedGRN, task: str, steps: int, guidance: float, temperature: float,
                    shift: float = 1.0, guidance_interval: float = 0.0, adaptive: bool = False, min_steps: int = 20,
                    warmup: int = 5, k: float = 90.0, b: float = 0.0,
@@ -73,12 +89,16 @@ def build_settings(loaded: LoadedGRN, task: str, steps: int, guidance: float, te
     rule's numbers are the model's own (the warm-up/min/k/b widgets are for ``custom``)."""
     if adaptive_rule not in ADAPTIVE_RULES:
         raise GRNNodeError(f"{SAMPLER}: adaptive_rule '{adaptive_rule}' is not one of {', '.join(ADAPTIVE_RULES)}.")
-    custom = dict(warmup=int(warmup), min_steps=int(min_steps), k=float(k), b=float(b)) \
+    custom = dict(warmup=whole(SAMPLER, "warmup", warmup), min_steps=whole(SAMPLER, "min_steps", min_steps),
+                  k=number(SAMPLER, "k", k), b=number(SAMPLER, "b", b)) \
         if adaptive and adaptive_rule == "custom" else {}
-    bit_only = {} if task == "c2i" else dict(shift=float(shift), cfg_interval=float(guidance_interval))
+    bit_only = {} if task == "c2i" else dict(shift=number(SAMPLER, "shift", shift),
+                                             cfg_interval=number(SAMPLER, "guidance_interval", guidance_interval))
     with errors_from(SAMPLER):
-        return resolve_settings(loaded.model, task, steps=int(steps), guidance=float(guidance),
-                                temperature=float(temperature), adaptive=bool(adaptive), **bit_only, **custom)
+        return resolve_settings(loaded.model, task, steps=whole(SAMPLER, "steps", steps),
+                                guidance=number(SAMPLER, "guidance", guidance),
+                                temperature=number(SAMPLER, "temperature", temperature), adaptive=bool(adaptive),
+                                **bit_only, **custom)
 
 
 def describe_settings(settings: SamplerSettings | C2ISettings) -> str:
@@ -94,9 +114,11 @@ def describe_settings(settings: SamplerSettings | C2ISettings) -> str:
 def first_frame_from_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """ComfyUI IMAGE ``[B, H, W, 3]`` (the first image is used) → first frame ``[3, height, width]`` in [-1, 1],
     prepared as the official I2V demo prepares its image (:func:`grn_core.request.prepare_first_frame`)."""
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (3, 4):
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (3, 4) or \
+            image.shape[0] < 1:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise GRNNodeError(f"{SAMPLER}: first_frame must be an IMAGE [B, H, W, 3], got shape {shape}.")
+        raise GRNNodeError(f"{SAMPLER}: first_frame must be an IMAGE [B, H, W, 3] with at least one image, got shape "
+                           f"{shape}.")
     with errors_from(SAMPLER):
         return prepare_first_frame(image[0], width, height)
 

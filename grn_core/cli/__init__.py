@@ -1,7 +1,10 @@
 """The command line: ``python -m grn_core {generate,calibrate,inspect,convert} ...``.
 
 A face over the library: argparse, progress, files and exit codes live here and nowhere in the library. Every
-expected failure (a bad flag value, a missing or damaged file) ends as ``error: ...`` on stderr and exit code 2.
+expected failure (a bad flag value, a missing or damaged file, a request too large for the memory) ends as one
+``error: <what>, <value>, <fix>`` on stderr and exit code 2; Ctrl-C ends as ``interrupted`` and exit code 130, with no
+traceback and no half-written output. Only our own error classes, ``OSError`` naming a file and out-of-memory errors
+are caught: anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import sys
 
 from ..checkpoint_files import CheckpointError
+from ..runtime.memory import GRNOutOfMemoryError
 from . import calibrate, convert, generate
 
 
@@ -43,11 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_:  # argparse printed its usage and "error: ..." (or --help): a code, not an exit
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, ValueError, FileNotFoundError, GRNOutOfMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.filename is None:
+            raise  # no file named: not an ordinary mistake of the user's
+        print(f"error: {error.filename}: {error.strerror or error}", file=sys.stderr)
         return 2
 
 

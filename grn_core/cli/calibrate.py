@@ -1,6 +1,8 @@
 """``python -m grn_core calibrate``: fit the adaptive-step rule (k, b) of a model on a prompt list.
 
-The method is :mod:`grn_core.calibration`; this module reads the flags, the prompts and writes the report.
+The method is :mod:`grn_core.calibration`; this module reads the flags, the prompts and writes the report. Every
+number is checked before the model is loaded, so that the rule written is one ``generate`` accepts
+(``0 <= warmup < min_steps <= steps``); the report is written whole (temporary file, then rename) or not at all.
 """
 
 from __future__ import annotations
@@ -10,11 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from ..calibration import BINS, MIN_STEPS, WARMUP, calibrate, judge_scorer, likelihood_scorer, run_ladder
+from ..calibration import (BINS, D_LADDER, MIN_STEPS, WARMUP, calibrate, judge_scorer, likelihood_scorer,
+                           run_ladder)
 from ..data.shapes import parse_caption, video_captions
-from ..request import plan_size
+from ..media import StagedFile
+from ..pipeline import check_memory
+from ..request import MAX_GUIDANCE, MAX_STEPS, SizeSpec, plan_size
 from ..sampler import SamplerSettings
-from .common import add_model_arguments, load_from_args, set_threads, warn
+from .common import (CtrlC, add_model_arguments, check_device, check_dtype, check_number, check_positive_int,
+                     check_seeds, check_task, load_from_args, prepare_output_dir, preview_model, progress_enabled,
+                     set_threads, stage, warn)
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +53,17 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_prompts(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as error:
         raise ValueError(f"--prompts {path}: cannot read it ({error.strerror}); give a text file with one prompt "
                          f"per line.") from error
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts {path}: not UTF-8 text (byte {error.start} is not); give a text file with one "
+                         "prompt per line.") from error
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"--prompts {path} holds no prompts; write one prompt per line.")
@@ -64,11 +78,47 @@ def _is_shapes_caption(prompt: str) -> bool:
     return True
 
 
+def check_calibrate_flags(args: argparse.Namespace) -> None:
+    """Every number of the command, checked before the model is loaded; the rule it will write must be one that
+    ``generate`` accepts (``0 <= warmup < min_steps <= steps``)."""
+    check_positive_int("--steps", args.steps, "e.g. 50 (the official schedule)")
+    if args.steps > MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}: at most {MAX_STEPS} (the official schedule is 50).")
+    check_positive_int("--bins", args.bins, f"e.g. {BINS}")
+    check_positive_int("--batch-size", args.batch_size, "e.g. 8")
+    if not args.seeds:
+        raise ValueError("--seeds needs at least one seed, e.g. --seeds 0 1.")
+    check_seeds("--seeds", *args.seeds)
+    if isinstance(args.warmup, bool) or not isinstance(args.warmup, int) or args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup!r} must be a whole number >= 0, e.g. {WARMUP}.")
+    if max(D_LADDER) + args.warmup > args.steps:
+        raise ValueError(f"--steps {args.steps}: the ladder runs up to --warmup {args.warmup} + {max(D_LADDER)} steps; "
+                         f"use --steps {max(D_LADDER) + args.warmup} or more, or a smaller --warmup.")
+    if isinstance(args.min_steps, bool) or not isinstance(args.min_steps, int) or \
+            not args.warmup < args.min_steps <= args.steps:
+        raise ValueError(f"--min-steps {args.min_steps!r} must be from --warmup + 1 = {args.warmup + 1} to --steps "
+                         f"{args.steps}; generate refuses a rule outside that range.")
+    check_number("--tolerance", args.tolerance, 0.0, 1.0)
+    check_number("--noise-z", args.noise_z, 0.0, 100.0)
+    check_number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_number("--temperature", args.temperature, 0.0, low_open=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    with CtrlC() as ctrl_c:
+        return _run(args, ctrl_c)
+
+
+def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
+    # 1. What the flags alone decide (no model loaded).
+    args.device = check_device(args.device)
+    check_dtype(args.dtype)
     set_threads(args)
-    model, encoder, default_task = load_from_args(args)
-    task = args.task or default_task
-    if task not in ("t2i", "t2v"):
+    check_calibrate_flags(args)
+    preview = preview_model(args)
+    task = preview.task(args.task)
+    check_task(preview, task)
+    if task is not None and task not in ("t2i", "t2v"):
         raise ValueError(f"calibrate fits text-to-image/video models; {task} is not one (C2I ships the official rule, "
                          f"I2V can use its T2V sibling's rule).")
     shapes = args.prompts is None
@@ -86,27 +136,58 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--scorer judge reads only captions of the shapes grammar ('a red circle moving right'); "
                          f"{bad!r} is not one. Use --scorer likelihood for other prompts.")
     scorer = judge_scorer if scorer_name == "judge" else likelihood_scorer
+    if args.out is not None:
+        if args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give a file name such as {args.out / 'rule.json'}.")
+        prepare_output_dir("--out", args.out.parent if str(args.out.parent) else Path("."))
+    overrides = {k: v for k, v in (("guidance", args.guidance), ("temperature", args.temperature)) if v is not None}
+    if preview.spec is not None and task is not None:
+        plan_size(preview.spec, task, args.width, args.height, args.frames)
+        SamplerSettings.for_task(task, steps=args.steps, **overrides).validate()
+    else:  # factors or task unknown until loaded: refuse only what no released tokenizer (16 px a cell) allows
+        plan_size(SizeSpec(), task or "t2v", args.width, args.height, args.frames)
+
+    # 2. The model, and the same checks with it.
+    with stage("loading the model"):
+        model, encoder, default_task = load_from_args(args)
+    task = args.task or default_task
+    if task not in ("t2i", "t2v"):
+        raise ValueError(f"calibrate fits text-to-image/video models; {task} is not one (C2I ships the official rule, "
+                         f"I2V can use its T2V sibling's rule).")
     plan = plan_size(model, task, args.width, args.height, args.frames)
     if plan.snapped:
         warn(f"calibrating at {plan.note}.")
     width, height, frames = plan.width, plan.height, plan.frames
-    overrides = {k: v for k, v in (("guidance", args.guidance), ("temperature", args.temperature)) if v is not None}
-    base = SamplerSettings.for_task(task, steps=args.steps, **overrides)
+    base = SamplerSettings.for_task(task, steps=args.steps, **overrides).validate()
+    check_memory(model, width, height, frames, task, base.guidance, batch_size=min(args.batch_size, len(prompts)))
 
     def progress(done: int, total: int) -> None:
-        print(f"\rcalibrating: {done}/{total} batches", end="", file=sys.stderr, flush=True)
+        if progress_enabled():
+            print(f"\rcalibrating: {done}/{total} batches", end="", file=sys.stderr, flush=True)
+        ctrl_c.check()
 
-    run = run_ladder(model, prompts, args.seeds, width=width, height=height, frames=frames, task=task, scorer=scorer,
-                     base=base, warmup=args.warmup, text_encoder=encoder, batch_size=args.batch_size,
-                     progress=progress if sys.stderr.isatty() else None)
-    if sys.stderr.isatty():
+    with ctrl_c.cooperative(model.refiner):
+        ladder = run_ladder(model, prompts, args.seeds, width=width, height=height, frames=frames, task=task,
+                            scorer=scorer, base=base, warmup=args.warmup, text_encoder=encoder,
+                            batch_size=args.batch_size, progress=progress)
+    if progress_enabled():
         print(file=sys.stderr)
-    report = calibrate(run, scorer, warmup=args.warmup, min_steps=args.min_steps, max_steps=args.steps,
+    report = calibrate(ladder, scorer, warmup=args.warmup, min_steps=args.min_steps, max_steps=args.steps,
                        bins=args.bins, tolerance=args.tolerance, noise_z=args.noise_z)
     report.update({"model": args.model, "task": task, "size": [width, height, frames],
                    "settings": base.to_dict()})
-    text = json.dumps(report, indent=1)
-    print(text)
+    try:
+        text = json.dumps(report, indent=1, allow_nan=False)
+    except ValueError as error:
+        raise ValueError("the calibration report holds NaN or infinite values (the scores or entropies of the run); "
+                         "nothing was written. The weights or the prompts' features are damaged.") from error
     if args.out is not None:
-        args.out.write_text(text + "\n")
+        try:
+            with StagedFile(args.out) as staged:
+                staged.temp.write_text(text + "\n", encoding="utf-8")
+                staged.commit()
+        except OSError as error:
+            raise ValueError(f"--out {args.out}: writing failed ({error.strerror or error}); nothing was replaced. "
+                             "Free disk space or choose another --out folder.") from error
+    print(text)
     return 0

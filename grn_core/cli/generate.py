@@ -3,23 +3,39 @@
 Sizes, frames, settings and the first frame are resolved by :mod:`grn_core.request`, as the ComfyUI nodes do, so a
 flag and the node widget of the same name give the same bits. What was changed (a size snapped to the grid, frames
 floored to ``1 + 4k``) is printed as a warning and recorded in the sidecar.
+
+Everything the flags alone decide is checked before the model is loaded (see :mod:`grn_core.cli.common`): the size
+against the model's grid (read from its file header), frames, fps, seeds, the settings, the output path and format,
+the sidecar, the first-frame image. ``--out``'s missing folders are created. The video and its sidecar
+(``NAME.json``, marked ``"grn_sidecar": 1``) are written to temporary files and renamed into place together once both
+are complete; a ``NAME.json`` that exists and is not one of our sidecars is never overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import struct
 import time
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from ..media import write_frames
-from ..request import negative_prompt, plan_size, prepare_first_frame, resolve_settings
+from ..media import StagedFile, check_fps, check_output, encode_frames, to_uint8
+from ..request import SizeSpec, negative_prompt, plan_size, prepare_first_frame, resolve_settings
 from ..sampler import StepInfo
 from ..sampler.states import STATE_COLOURS
-from .common import ProgressLine, add_model_arguments, load_from_args, set_threads, warn
+from .common import (CtrlC, ProgressLine, add_model_arguments, check_device, check_dtype, check_input_file,
+                     check_seeds, check_task, load_from_args, prepare_output_dir, preview_model, set_threads, stage,
+                     warn)
+
+SIDECAR_MARK = "grn_sidecar"
+# Keys every sidecar written before the mark existed has: such a file is ours too and may be replaced.
+LEGACY_SIDECAR_KEYS = frozenset({"model", "task", "seed", "settings", "output", "nfe"})
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning threshold (about 9459 x 9459)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +67,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aspect", type=float, default=None, help="height / width with --resolution (9/16 = 0.5625)")
     parser.add_argument("--image", type=Path, default=None, help="first frame for image-to-video")
     parser.add_argument("--class-index", type=int, default=None, help="ImageNet class for class-to-image")
-    parser.add_argument("--out", type=Path, default=Path("grn_out.mp4"), help=".mp4, .gif, .webp or .png")
-    parser.add_argument("--fps", type=float, default=16.0)
+    parser.add_argument("--out", type=Path, default=Path("grn_out.mp4"),
+                        help=".mp4, .gif, .webp or .png (missing folders are created; NAME.json gets the run's "
+                             "record, never overwriting a NAME.json this tool did not write)")
+    parser.add_argument("--fps", type=float, default=16.0, help="frames per second of the file, 0.01..1000")
     parser.add_argument("--preview-dir", type=Path, default=None,
                         help="write the token-state map and RGB preview of every step as PNGs")
 
@@ -78,18 +96,19 @@ def _preview_image(preview: torch.Tensor, scale: int = 4):
     return Image.fromarray(strip.numpy()).resize((t * w * scale, h * scale), Image.NEAREST)
 
 
-def settings_from_args(args: argparse.Namespace, model: Any, task: str):
-    """Sampler settings from the flags (:func:`grn_core.request.resolve_settings` decides)."""
-    rule = None
+def settings_from_args(args: argparse.Namespace, model: Any, task: str, rule: Any = None):
+    """Sampler settings from the flags (:func:`grn_core.request.resolve_settings` decides). ``rule``: the
+    ``--adaptive-rule`` file's rule, when it was already read."""
     if getattr(args, "adaptive_rule", None) is not None:
         if task == "c2i":
             raise ValueError("--adaptive-rule is for text-conditioned models; class-to-image uses the official "
                              "complexity-aware rule (--adaptive) or fixed steps.")
         if args.adaptive is False:
             raise ValueError("--adaptive-rule with --no-adaptive: drop one of the two.")
-        from ..calibration import read_rule
+        if rule is None:
+            from ..calibration import read_rule
 
-        rule = read_rule(args.adaptive_rule)
+            rule = read_rule(args.adaptive_rule)
     adaptive = True if rule is not None else args.adaptive
     return resolve_settings(model, task, steps=args.steps, guidance=args.guidance, temperature=args.temperature,
                             shift=getattr(args, "shift", None), cfg_interval=getattr(args, "guidance_interval", None),
@@ -98,23 +117,120 @@ def settings_from_args(args: argparse.Namespace, model: Any, task: str):
                             b=getattr(args, "adaptive_b", None))
 
 
+def sidecar_path(out: Path) -> Path:
+    return out.with_suffix(".json")
+
+
+def check_sidecar(out: Path) -> Path:
+    """The sidecar's path, refused when a file there is not one of our sidecars (it would be overwritten)."""
+    path = sidecar_path(out)
+    if not path.exists() and not path.is_symlink():
+        return path
+    ours = False
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            data = None
+        ours = isinstance(data, dict) and (data.get(SIDECAR_MARK) == 1 or LEGACY_SIDECAR_KEYS <= set(data))
+    if not ours:
+        raise ValueError(f"--out {out}: the run's sidecar would overwrite {path}, which exists and was not written by "
+                         "this tool; move that file away, or choose another --out name or folder.")
+    return path
+
+
+def check_flags(args: argparse.Namespace, task: Optional[str]) -> None:
+    """Flags the task would ignore or cannot use, refused rather than dropped (``task`` None: not known yet)."""
+    if task is None:
+        return
+    if task == "c2i":
+        ignored = [flag for flag, value in (("--prompt", args.prompt), ("--negative", args.negative),
+                                            ("--image", args.image), ("--width", args.width),
+                                            ("--height", args.height), ("--frames", args.frames),
+                                            ("--duration", args.duration), ("--resolution", args.resolution),
+                                            ("--aspect", args.aspect)) if value is not None]
+        if ignored:
+            raise ValueError(f"class-to-image takes a class, not {', '.join(ignored)} (it makes the model's own "
+                             "256x256 image); drop them.")
+        if args.class_index is None:
+            raise ValueError("class-to-image needs --class-index (an ImageNet class, 0..999).")
+        return
+    if args.class_index is not None:
+        raise ValueError(f"--class-index is for class-to-image models; this is a {task.upper()} request, which takes "
+                         "--prompt. Drop --class-index, or use a class-to-image model (--model c2i-b).")
+    if args.prompt is None or not str(args.prompt).strip():
+        raise ValueError("--prompt is required for text-to-image/video: describe what to generate.")
+    if task == "i2v" and args.image is None:
+        raise ValueError("image-to-video needs --image (the first frame).")
+    if task != "i2v" and args.image is not None:
+        raise ValueError(f"--image is the first frame of image-to-video; this is a {task.upper()} request. Add "
+                         "--task i2v (with an image-to-video model), or drop --image.")
+
+
+def _check_plan(args: argparse.Namespace, model: Any, task: str, out: Path, rule: Any):
+    """Size (:func:`plan_size`), output format against its frame count, and settings, for ``model`` (loaded, or
+    the :class:`~grn_core.request.SizeSpec` read from its files)."""
+    plan = plan_size(model, task, args.width, args.height, args.frames, duration=args.duration,
+                     resolution=args.resolution, h_over_w=args.aspect)
+    check_output(out, plan.frames)
+    settings = settings_from_args(args, model, task, rule)
+    return plan, settings
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import GenerationRequest, decode_tokens, encode_prompt, generate_class_tokens, generate_tokens
+    with CtrlC() as ctrl_c:
+        return _run(args, ctrl_c)
+
+
+def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
+    from ..pipeline import GenerationRequest, check_memory, decode_tokens, encode_prompt, generate_class_tokens, \
+        generate_tokens
 
     started = time.perf_counter()
+    # 1. What the flags alone decide: no model, no weights read (a mistake costs milliseconds).
+    args.device = check_device(args.device)
+    check_dtype(args.dtype)
     set_threads(args)
-    model, encoder, default_task = load_from_args(args)
+    check_seeds("--seed", args.seed)
+    check_fps(args.fps, "--fps")
+    preview = preview_model(args)
+    task = preview.task(args.task)
+    check_task(preview, task)
+    check_flags(args, task)
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name such as {args.out / 'grn_out.mp4'}.")
+    out = check_output(args.out)
+    check_sidecar(out)
+    prepare_output_dir("--out", out.parent if str(out.parent) else Path("."))
+    if args.preview_dir is not None:
+        prepare_output_dir("--preview-dir", args.preview_dir)
+    rule = None
+    if args.adaptive_rule is not None:
+        from ..calibration import read_rule
+
+        if args.adaptive is False:
+            raise ValueError("--adaptive-rule with --no-adaptive: drop one of the two.")
+        rule = read_rule(check_input_file("--adaptive-rule", args.adaptive_rule))
+    picture = _read_image(args.image) if args.image is not None else None
+    if preview.spec is not None and task is not None:
+        _check_plan(args, preview.spec, task, out, rule)
+    else:  # factors or task unknown until loaded: refuse only what no released tokenizer (at most 16 px a cell) allows
+        plan_size(SizeSpec(), task or "t2v", args.width, args.height, args.frames, duration=args.duration,
+                  resolution=args.resolution, h_over_w=args.aspect)
+
+    # 2. The model; then the same checks with it (the authority), and the memory the request needs.
+    with stage("loading the model"):
+        model, encoder, default_task = load_from_args(args)
     task = args.task or default_task
-    plan = plan_size(model, task, args.width, args.height, args.frames, duration=args.duration or 0.0,
-                     resolution=args.resolution, h_over_w=args.aspect)
+    check_flags(args, task)
+    plan, settings = _check_plan(args, model, task, out, rule)
     if plan.snapped:
         warn(f"making {plan.note}.")
-    settings = settings_from_args(args, model, task)
     negative = negative_prompt(model, task, args.negative)
+    check_memory(model, plan.width, plan.height, plan.frames, task, settings.guidance)
 
     progress = ProgressLine()
     if args.preview_dir is not None:
-        args.preview_dir.mkdir(parents=True, exist_ok=True)
         from ..pipeline import ensure_preview
 
         ensure_preview(model)
@@ -125,26 +241,32 @@ def run(args: argparse.Namespace) -> int:
             state_map_image(info.token_states[0]).save(args.preview_dir / f"step{info.step:03d}_states.png")
             if info.preview is not None:
                 _preview_image(info.preview).save(args.preview_dir / f"step{info.step:03d}_rgb.png")
+        ctrl_c.check()  # Ctrl-C between steps (the refiner also checks between its blocks)
 
     if task == "c2i":
-        if args.class_index is None:
-            raise ValueError("class-to-image needs --class-index (an ImageNet class, 0..999).")
-        tokens = generate_class_tokens(model, [args.class_index], seed=args.seed, settings=settings, callback=on_step)
+        try:
+            with ctrl_c.cooperative(model.refiner):
+                tokens = generate_class_tokens(model, [args.class_index], seed=args.seed, settings=settings,
+                                               callback=on_step)
+        finally:
+            progress.close()
     else:
-        if not args.prompt:
-            raise ValueError("--prompt is required for text-to-image/video.")
-        feats = encode_prompt(model, encoder, args.prompt, negative, task=task, need_uncond=settings.guidance != 1.0)
-        image = None
-        if args.image is not None:
-            image = prepare_first_frame(_read_image(args.image), plan.width, plan.height)
+        with stage("encoding the prompt"):
+            feats = encode_prompt(model, encoder, args.prompt, negative, task=task,
+                                  need_uncond=settings.guidance != 1.0)
+        image = prepare_first_frame(picture, plan.width, plan.height) if picture is not None else None
         request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,
                                     settings=settings)
-        tokens = generate_tokens(model, feats, request, first_frame=image, callback=on_step,
-                                 preview=args.preview_dir is not None)
-    progress.close()
-    video = decode_tokens(model, tokens)[0]
-    out = write_frames(video, args.out, fps=args.fps)
-    _write_sidecar(out, args, task, negative, plan, settings, tokens, video, started)
+        try:
+            with ctrl_c.cooperative(model.refiner):
+                tokens = generate_tokens(model, feats, request, first_frame=image, callback=on_step,
+                                         preview=args.preview_dir is not None)
+        finally:
+            progress.close()
+    with stage("decoding"):
+        video = decode_tokens(model, tokens)[0]
+    with stage(f"writing {out}"):
+        _write_outputs(out, video, args, task, negative, plan, settings, tokens, started)
     result = tokens.sampling
     print(f"wrote {out} ({int(video.shape[0])} frames, {result.steps[0]} steps, {result.nfe[0]} network passes, "
           f"{time.perf_counter() - started:.1f} s)")
@@ -152,29 +274,91 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_image(path: Path):
+    """The ``--image`` file as an RGB picture, fully decoded now (before any model is loaded)."""
     from PIL import Image
 
-    if not path.is_file():
-        raise ValueError(f"--image {path}: no such file.")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    check_input_file("--image", path)
+    fix = "give a PNG/JPEG/WebP picture"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise ValueError(f"--image {path} is {width}x{height} pixels; {fix} with pixels in it.")
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"--image {path} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more "
+                                 f"than the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels accepted; the first frame is "
+                                 "resized to the video's size anyway, so give a smaller picture.")
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"--image {path}: {error}; give a smaller picture.") from error
+    except (OSError, SyntaxError, EOFError, struct.error, zlib.error) as error:  # Pillow's ways of saying "damaged"
+        what = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise ValueError(f"--image {path}: not a readable picture ({what}); {fix}.") from error
 
 
-def _write_sidecar(out: Path, args: argparse.Namespace, task: str, negative: str, plan, settings, tokens, video,
-                   started: float) -> Path:
+def sidecar_text(out: Path, args: argparse.Namespace, task: str, negative: str, plan, settings, tokens, frames: int,
+                 started: float) -> str:
+    """The sidecar as strict JSON (no NaN / Infinity: those are not JSON and a run never produces them)."""
     result = tokens.sampling
     sidecar = {
+        SIDECAR_MARK: 1,
         "model": args.model, "task": task, "prompt": args.prompt, "negative": negative, "seed": args.seed,
-        "width": plan.width, "height": plan.height, "frames": int(video.shape[0]), "size_note": plan.note,
+        "width": plan.width, "height": plan.height, "frames": frames, "size_note": plan.note,
         "steps": result.steps[0], "nfe": result.nfe[0], "entropy": result.entropy[0],
         "kept_fraction": result.kept_fraction[0],
         "adaptive_decision": result.remaining_steps[0] if result.remaining_steps else None,
         "settings": settings.to_dict(), "seconds": round(time.perf_counter() - started, 3),
         "sampling_seconds": round(result.seconds, 3), "output": str(out),
     }
-    path = out.with_suffix(".json")
-    path.write_text(json.dumps(sidecar, indent=1, default=_json_default))
-    return path
+    if args.class_index is not None:
+        sidecar["class_index"] = args.class_index
+    if args.image is not None:
+        sidecar["image"] = str(args.image)
+    try:
+        return json.dumps(sidecar, indent=1, default=_json_default, allow_nan=False)
+    except ValueError as error:
+        bad = [key for key, value in sidecar.items() if _has_non_finite(value)]
+        raise ValueError(f"the run's record holds NaN or infinite values ({', '.join(bad) or error}); nothing was "
+                         "written. The weights or the inputs are damaged.") from error
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError,)
+    try:
+        import av
+
+        errors += (av.FFmpegError,)
+    except (ImportError, AttributeError):
+        pass
+    return errors
+
+
+def _write_outputs(out: Path, video: torch.Tensor, args: argparse.Namespace, task: str, negative: str, plan,
+                   settings, tokens, started: float) -> None:
+    """The video and its sidecar: both written to temporary files, then renamed into place (nothing on failure)."""
+    text = sidecar_text(out, args, task, negative, plan, settings, tokens, int(video.shape[0]), started)
+    pixels = to_uint8(video)
+    sidecar = check_sidecar(out)  # again: a file may have appeared there while the run went on
+    try:
+        with StagedFile(out) as staged_video, StagedFile(sidecar) as staged_sidecar:
+            encode_frames(pixels, staged_video.temp, out.suffix.lower(), float(args.fps))
+            staged_sidecar.temp.write_text(text + "\n", encoding="utf-8")
+            staged_video.commit()
+            staged_sidecar.commit()
+    except _write_errors() as error:
+        why = getattr(error, "strerror", None) or str(error).splitlines()[0][:200] or type(error).__name__
+        raise ValueError(f"--out {out}: writing failed ({why}); nothing was replaced. Free disk space or choose "
+                         "another --out folder.") from error
 
 
 def _json_default(value: Any) -> Any:

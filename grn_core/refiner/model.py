@@ -52,7 +52,7 @@ from .buckets import aspect_template
 from .config import RefinerConfig
 from .rope import TEXT_MAX_TOKENS, apply_rope, rope_table, step_positions, text_positions, visual_positions
 
-__all__ = ["GRNRefiner", "TextContext"]
+__all__ = ["GRNRefiner", "RefinerInterrupted", "TextContext"]
 
 TextInput = Union[torch.Tensor, Sequence[torch.Tensor], "TextContext"]
 
@@ -254,6 +254,18 @@ class _Plan:
 # The model
 
 
+class RefinerInterrupted(KeyboardInterrupt):
+    """A pass stopped between two blocks because :attr:`GRNRefiner.should_stop` said so (e.g. Ctrl-C on the command
+    line). A ``KeyboardInterrupt``, so ``except Exception`` does not swallow it."""
+
+
+def _check_stop(refiner: "GRNRefiner", layer: int) -> None:
+    """Between blocks: end the pass when the refiner's ``should_stop`` hook asks for it."""
+    hook = refiner.should_stop
+    if hook is not None and hook():
+        raise RefinerInterrupted(f"stopped before block {layer + 1} of {refiner.config.depth}")
+
+
 class GRNRefiner(nn.Module):
     """GRN_bit refiner for T2I / T2V / I2V; ``load_state_dict(official_sd, strict=True)`` works as is.
 
@@ -266,6 +278,10 @@ class GRNRefiner(nn.Module):
     """
 
     _PLAN_CACHE_SIZE = 4
+    # Interruption hook: a callable checked between blocks (every pass, text preparation included); when it returns
+    # True the pass raises RefinerInterrupted, so a long step ends within one block. Set it on an instance
+    # (``refiner.should_stop = flag.is_set``); None (default) checks nothing.
+    should_stop = None
     # Kept in float32 by the loaders under half / fp8 storage (with every RMSNorm): the official head runs in float32.
     FLOAT32_MODULES = ("head",)
 
@@ -659,6 +675,7 @@ class GRNRefiner(nn.Module):
         x = tokens
         with self._block_pass() as blocks:
             for layer, block in enumerate(blocks):
+                _check_stop(self, layer)
                 q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
                 keys.append(k.contiguous())  # own copies: the views would keep the whole q/k/v buffer alive
                 values.append(v.contiguous())
@@ -720,6 +737,7 @@ class GRNRefiner(nn.Module):
         x = torch.cat(pieces)
         with self._block_pass() as blocks:
             for layer, block in enumerate(blocks):
+                _check_stop(self, layer)
                 x = self._block(block, x, plan.rope, plan.runs, layer, contexts)
         return x, plan, (t, h, w), len(contexts)
 

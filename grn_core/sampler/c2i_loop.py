@@ -22,6 +22,7 @@ per step (``_cond_logits``, ``_probabilities``, ``_advance``, ``_record``, ``_re
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -29,7 +30,7 @@ import torch
 
 from .bookkeeping import RunLedger, call_callback, draw_uniforms, make_step_info, sample_seeds
 from .events import SamplingResult, StepInfo
-from .loop import model_device
+from .loop import check_finite_step, check_seed_range, model_device
 from .running import RunningBatch, decide_steps, planned_steps, preview_due, row_temperatures
 from .schedule import c2i_keep_fraction
 from .settings import C2ISettings
@@ -149,12 +150,21 @@ def _validate(net: Any, labels: Union[Sequence[int], torch.Tensor], seed: Option
     if null_label is None:
         raise ValueError("null_label is not given and net.config has no num_classes; pass null_label=1000 for ImageNet")
     rounds = rounds if rounds is not None else (_cfg(net, "rounds", "hbq_rounds") or 4)
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels has dtype {labels.dtype}; class labels are whole numbers (torch.long)")
+    else:
+        bad = [v for v in (labels if isinstance(labels, (list, tuple)) else [labels])
+               if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise ValueError(f"class labels must be whole numbers, got {bad[0]!r}; pass ImageNet class indices")
     y_all = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if y_all.numel() < 1:
         raise ValueError("labels is empty; pass one class label per sample, e.g. [207]")
     if int(y_all.min()) < 0 or int(y_all.max()) > null_label:
         raise ValueError(f"class labels must be in [0, {null_label}] ({null_label} = unconditional), "
                          f"got {y_all.tolist()}")
+    check_seed_range(seed)
     seeds = sample_seeds(seed, int(y_all.numel()))
     device = torch.device(device) if device is not None else model_device(net)
     return _C2IPlan(net=net, settings=settings, labels=y_all, null_label=null_label, rounds=rounds,
@@ -187,12 +197,16 @@ def _step(plan: _C2IPlan, run: _C2IRun, callback: Optional[Callable[[StepInfo], 
     entropy_t = mean_class_entropy(cond)
     adaptive = settings.adaptive
     if adaptive is not None and run.step == adaptive.warmup:
-        decide_steps(batch, entropy_t.tolist(), adaptive, settings.steps)
+        decision = entropy_t.tolist()
+        check_finite_step(decision, run.step, settings.steps, batch.ids, what="class-to-image network")
+        decide_steps(batch, decision, adaptive, settings.steps)
     guided = [settings.guidance != 1.0 and in_guidance_interval(t, settings.interval) for t in batch["t"]]
     probs = _probabilities(plan, run, cond, t_in, guided)
     del cond  # the logits are a step's largest tensors: free them before sampling
+    # The unconditional pass's logits enter only the guided probabilities: a row's sum is NaN when one of them is.
+    probs_bad = ~torch.isfinite(probs.flatten(1).sum(1, dtype=torch.float32)) if any(guided) else None
     sample, states = _advance(plan, run, probs)
-    entropy, fraction, label_counts = _record(plan, run, entropy_t, states, guided)
+    entropy, fraction, label_counts = _record(plan, run, entropy_t, states, guided, probs_bad)
     totals = planned_steps(batch, settings)
     if callback is not None:
         info = _report(plan, run, sample, states, entropy, fraction, guided, label_counts, totals, preview_fn)
@@ -253,15 +267,25 @@ def _advance(plan: _C2IPlan, run: _C2IRun, probs: torch.Tensor) -> Tuple[torch.T
 
 
 def _record(plan: _C2IPlan, run: _C2IRun, entropy_t: torch.Tensor, states: torch.Tensor,
-            guided: List[bool]) -> Tuple[List[float], List[float], torch.Tensor]:
+            guided: List[bool],
+            probs_bad: Optional[torch.Tensor] = None) -> Tuple[List[float], List[float], torch.Tensor]:
     """Ledger entry of the step, from one device->host copy (mean entropy and label state counts per row).
 
     Returns each row's entropy, its realised kept fraction (FILL + KEEP) and the CPU ``[R, 4]`` counts.
     """
     batch = run.batch
     rows = len(batch)
-    stats = torch.cat([entropy_t.view(rows, 1), count_states(states, rows).double()], dim=1).cpu()
+    columns = [entropy_t.view(rows, 1), count_states(states, rows).double()]
+    if probs_bad is not None:
+        columns.append(probs_bad.view(rows, 1).double())
+    stats = torch.cat(columns, dim=1).cpu()
     entropy = stats[:, 0].tolist()
+    total = max(planned_steps(batch, plan.settings))
+    check_finite_step(entropy, run.step, total, batch.ids, what="class-to-image network")
+    if probs_bad is not None:
+        check_finite_step([math.nan if bad else 0.0 for bad in stats[:, 5].tolist()], run.step, total, batch.ids,
+                          what="class-to-image network", branch="guided")
+        stats = stats[:, :5]
     fraction = ((stats[:, 1] + stats[:, 2]) / plan.n_labels).tolist()
     batch.ledger.record(batch.ids, entropy, fraction, [2 if g else 1 for g in guided])
     return entropy, fraction, stats[:, 1:]

@@ -29,6 +29,8 @@ the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advan
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -44,6 +46,34 @@ from .step import StepOutput, fused_step_reference, mean_bit_entropy
 log = logging.getLogger(__name__)
 
 TextArg = Any  # features [L, C], a list of B of them, or an object from refiner.prepare_text(...)
+
+SEED_LIMIT = 1 << 64
+
+
+class NonFiniteLogitsError(ValueError):
+    """The network returned NaN or infinite logits: sampling them would give noise and a sidecar of NaNs."""
+
+
+def check_seed_range(seed: Optional[int]) -> None:
+    """A base seed is ``None`` (random) or an int in ``0 .. 2**64 - 1`` (no silent wrap-around of the typed seed)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"seed {seed} is outside 0..{SEED_LIMIT - 1} (seeds are 64-bit); pick one in that range")
+
+
+def check_finite_step(entropy: Sequence[float], step: int, total: int, ids: Sequence[int], what: str = "refiner",
+                      branch: str = "") -> None:
+    """Raise :class:`NonFiniteLogitsError` naming the step (1-based) when a row's entropy is not finite: every NaN or
+    infinite logit makes its bit's entropy NaN, so this costs no extra pass over the logits."""
+    for row, value in enumerate(entropy):
+        if not math.isfinite(value):
+            raise NonFiniteLogitsError(
+                f"the {what} produced NaN or infinite {branch + ' ' if branch else ''}logits at step {step + 1} of "
+                f"{total} (sample {ids[row]}): the weights or the inputs are damaged (or a half-precision weight dtype "
+                "overflowed: try --dtype bf16 or fp32).")
 
 
 def _config_value(config: Any, *names: str) -> Any:
@@ -261,6 +291,7 @@ def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], 
     elif settings.guidance != 1.0:
         raise ValueError(f"guidance={settings.guidance} needs text_uncond (negative-prompt features; the official "
                          "loop encodes the empty prompt ''); pass it or set guidance=1.0")
+    check_seed_range(seed)
     seeds = sample_seeds(seed, batch_size)
     device = torch.device(device) if device is not None else model_device(refiner)
     return _BitPlan(
@@ -306,10 +337,15 @@ def _step(plan: _BitPlan, run: _BitRun, callback: Optional[Callable[[StepInfo], 
     cond, uncond = _logits(plan, run, with_uncond=any(guided))
     adaptive = settings.adaptive
     if adaptive is not None and run.step == adaptive.warmup:
-        decide_steps(batch, mean_bit_entropy(cond).tolist(), adaptive, settings.steps)
+        decision = mean_bit_entropy(cond).tolist()
+        check_finite_step(decision, run.step, settings.steps, batch.ids)
+        decide_steps(batch, decision, adaptive, settings.steps)
+    # Unconditional logits do not enter the entropy: one flag per row says whether they were all finite (a row's sum
+    # is NaN/inf exactly when one of its logits is, for logits of any sane size; no temporary as large as the logits).
+    uncond_bad = ~torch.isfinite(uncond.flatten(1).sum(1, dtype=torch.float32)) if uncond is not None else None
     out = _fused_step(plan, run, cond, uncond, guided)
     del cond, uncond  # the logits are a step's largest tensors: free them before the callback runs
-    entropy, bit_counts = _advance(plan, run, out, branches=2 if any(guided) else 1)
+    entropy, bit_counts = _advance(plan, run, out, branches=2 if any(guided) else 1, uncond_bad=uncond_bad)
     totals = planned_steps(batch, settings)
     if callback is not None:
         info = _report(plan, run, out, entropy, guided, bit_counts, totals, preview_fn)
@@ -373,18 +409,29 @@ def _fused_step(plan: _BitPlan, run: _BitRun, cond: torch.Tensor, uncond: Option
         return fused_step(*args)
 
 
-def _advance(plan: _BitPlan, run: _BitRun, out: StepOutput, branches: int) -> Tuple[List[float], torch.Tensor]:
+def _advance(plan: _BitPlan, run: _BitRun, out: StepOutput, branches: int,
+             uncond_bad: Optional[torch.Tensor] = None) -> Tuple[List[float], torch.Tensor]:
     """Make the step the rows' state: x_{i+1}, its kept mask, and r_{i+1} = realised kept fraction (FILL + KEEP).
 
-    One small device->host copy per step (entropy sums and bit state counts). Returns each row's mean
-    entropy and the CPU ``[R, 4]`` bit state counts.
+    One small device->host copy per step (entropy sums, bit state counts and, when guided, whether the
+    unconditional logits were finite). Returns each row's mean entropy and the CPU ``[R, 4]`` bit state counts;
+    raises :class:`NonFiniteLogitsError` (naming the step) before anything of a non-finite step is recorded.
     """
     batch = run.batch
     rows = len(batch)
-    batch["x"], batch["kept"] = out.mixed, out.kept
-    stats = torch.cat([out.entropy_sum.view(rows, 1), out.state_counts.double()], dim=1).cpu()
+    columns = [out.entropy_sum.view(rows, 1), out.state_counts.double()]
+    if uncond_bad is not None:
+        columns.append(uncond_bad.view(rows, 1).double())
+    stats = torch.cat(columns, dim=1).cpu()
     n = float(plan.tokens * plan.n_bits)
     entropy = (stats[:, 0] / n).tolist()
+    total = max(planned_steps(batch, plan.settings))
+    check_finite_step(entropy, run.step, total, batch.ids)
+    if uncond_bad is not None:
+        check_finite_step([math.nan if bad else 0.0 for bad in stats[:, 5].tolist()], run.step, total, batch.ids,
+                          branch="unconditional")
+        stats = stats[:, :5]
+    batch["x"], batch["kept"] = out.mixed, out.kept
     batch["fraction"] = ((stats[:, 1] + stats[:, 2]) / n).tolist()
     batch.ledger.record(batch.ids, entropy, batch["fraction"], [branches] * rows)
     return entropy, stats[:, 1:]
@@ -420,4 +467,5 @@ def official_keep_fractions(steps: int, cap: float, shift: float = 1.0) -> Seque
     return [bit_keep_fraction(i, steps, cap, shift) for i in range(steps)]
 
 
-__all__ = ["sample_bits", "official_keep_fractions", "resolve_kernel", "model_device"]
+__all__ = ["NonFiniteLogitsError", "check_finite_step", "check_seed_range", "sample_bits",
+           "official_keep_fractions", "resolve_kernel", "model_device"]
