@@ -5,21 +5,27 @@ The work happens in the library (``grn_core``) through the small adapters beside
 (``comfy_api.latest`` must exist). Widget defaults come from the official presets (``grn_core.presets``).
 ComfyUI's own modules (``folder_paths``, ``comfy.*``, ``server``) are imported where they are used, so the schemas
 can be read with a minimal stand-in for ``comfy_api.latest`` alone.
+
+Memory: Load GRN loads the weights on the CPU (cast for ComfyUI's device) and every stage loads what it needs through
+ComfyUI's memory manager (``patching``: one ``ModelPatcher`` per model, ``load_models_gpu`` with the stage's
+activation estimate), so ComfyUI keeps them resident, evicts them and unloads them like its own models.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from comfy_api.latest import ComfyExtension, io
 
+from grn_core.pipeline import ensure_preview
 from grn_core.presets import ADAPTIVE_RULES as RULES
 from grn_core.presets import FPS, MAX_FRAMES, preset
 
-from . import model_files
+from . import model_files, patching
 from .errors import ENCODE_PROMPT
 from .frames import decode_to_images, encode_images
-from .loading import LAYOUTS, OFFLOAD_POLICIES, WEIGHT_DTYPES, LoadedGRN, load_grn, on_device, tokenizer_for
+from .loading import LAYOUTS, OFFLOAD_POLICIES, WEIGHT_DTYPES, LoadedGRN, load_grn, tokenizer_for
 from .prompting import TASK_CHOICES, ClipPromptEncoder, GRNConditioning, encode_prompt_for, umt5_file_encoder
 from .sampling import (ADAPTIVE_RULES, ASPECTS, RESOLUTIONS, StepRecorder, build_settings, choose_task,
                        describe_settings, first_frame_from_image, plan_size, preview_image, refiner_memory_bytes,
@@ -85,10 +91,14 @@ class GRNLoadModel(io.ComfyNode):
                 io.Combo.Input("layout", options=list(LAYOUTS), default="auto",
                                tooltip="Attention layout: 'prefix' only for the first MGenAI T2I/T2V files."),
                 io.Combo.Input("offload", options=list(OFFLOAD_POLICIES), default="auto",
-                               tooltip="'auto': the least offload that fits the free GPU memory. 'none': keep every "
-                                       "model on the GPU; 'model': each model on the GPU only for its stage; "
-                                       "'blocks' / 'blocks:N': also stream all / the last N refiner blocks from the "
-                                       "CPU. 'offload after run' = 'model', 'keep on device' = 'none'."),
+                               tooltip="Inside ComfyUI its memory manager decides: it loads the refiner and the "
+                                       "tokenizer whole for their stage, keeps them while there is room, unloads "
+                                       "them when another model needs the memory or on 'Unload models'. Partial "
+                                       "(lowvram) loading of GRN models is not supported yet, so 'blocks' does not "
+                                       "stream inside ComfyUI. This value is the command line's policy, kept for "
+                                       "saved workflows: 'none', 'model', 'blocks' / 'blocks:N' (stream all / the "
+                                       "last N refiner blocks from the CPU); 'offload after run' = 'model', 'keep "
+                                       "on device' = 'none'."),
                 io.Boolean.Input("download_missing", default=False,
                                  tooltip=f"Fetch a missing released file from {model_files.HF_REPO} into models/grn."),
             ],
@@ -101,9 +111,9 @@ class GRNLoadModel(io.ComfyNode):
         import comfy.model_management as mm
 
         folder_paths = _folder_paths()
-        device = mm.get_torch_device()
+        device = mm.get_torch_device()  # cast for it; ComfyUI's memory manager places the models (patching)
         if refiner == model_files.TINY:
-            loaded = load_grn(None, None, weight_dtype, layout, offload, device=device)
+            loaded = load_grn(None, None, weight_dtype, layout, offload, fit_preview=False, cast_for=device)
         else:
             refiner_path = model_files.resolve_file(
                 folder_paths, refiner, (model_files.GRN_FOLDER,) + model_files.SHARED_FOLDERS, download_missing)
@@ -112,7 +122,15 @@ class GRNLoadModel(io.ComfyNode):
             else:
                 tokenizer_path = model_files.resolve_file(folder_paths, tokenizer, (model_files.GRN_FOLDER,),
                                                           download_missing)
-            loaded = load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload, device=device)
+            loaded = load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload, fit_preview=False,
+                              cast_for=device)
+        if loaded.offload != "auto":
+            logging.getLogger(patching.__name__).info(
+                "GRN: offload '%s' is the command line's policy; inside ComfyUI its memory manager places GRN's "
+                "models (whole: partial/lowvram loading is not supported yet)", offload)
+        if loaded.model.preview is None:  # fit the live preview with the tokenizer where ComfyUI puts it
+            with patching.stage(loaded, ("tokenizer",), 0, mm):
+                ensure_preview(loaded.model)
         return io.NodeOutput(loaded)
 
 
@@ -243,10 +261,12 @@ class GRNRefineSampler(io.ComfyNode):
         frame = first_frame_from_image(first_frame, plan.width, plan.height) if first_frame is not None else None
         frame_bits = first_frame_tokens.bits if first_frame_tokens is not None and frame is None else None
         mm.throw_exception_if_processing_interrupted()
-        # Our models are not ComfyUI's: ask it to unload its own (e.g. the text encoder) until the refiner fits.
-        device = model.model.compute_device if model.model.compute_device is not None else mm.get_torch_device()
-        mm.free_memory(refiner_memory_bytes(model, plan, task, settings, conditioning), device)
-        with on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+        # ComfyUI's memory manager brings the refiner (and the tokenizer, to encode a first-frame image) to its device,
+        # unloading other models until they and one step's activations fit.
+        activations = patching.refiner_activation_bytes(
+            model, refiner_memory_bytes(model, plan, task, settings, conditioning))
+        which = ("refiner", "tokenizer") if frame is not None else ("refiner",)
+        with patching.stage(model, which, activations, mm):
             result = run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
                                  first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
         result.bits = result.bits.to(mm.intermediate_device())
@@ -301,7 +321,8 @@ class GRNDecodeVideo(io.ComfyNode):
     def execute(cls, model: LoadedGRN, tokens: Any, tile: int) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        with on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+        bits = getattr(tokens, "bits", tokens)
+        with patching.stage(model, ("tokenizer",), patching.decode_bytes(model, bits, tile), mm):
             images = decode_to_images(model, tokens, tile=tile)
         return io.NodeOutput(images.to(mm.intermediate_device()), float(FPS))
 
@@ -327,7 +348,7 @@ class GRNEncodeImage(io.ComfyNode):
     def execute(cls, model: LoadedGRN, image: Any, width: int, height: int) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        with on_device(model, mm.get_torch_device(), mm.unet_offload_device(), mm.soft_empty_cache):
+        with patching.stage(model, ("tokenizer",), patching.encode_bytes(model, image, width, height), mm):
             tokens = encode_images(model, image, width, height)
         return io.NodeOutput(tokens)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -33,7 +33,9 @@ class LoadedGRN:
     ``offload``: the policy asked for, as the library names it (``auto``, ``none``, ``model``, ``blocks:N`` …); the
     resolved one is ``model.offload`` when the pipeline places the models (``model.compute_device`` set).
     ``keep_on_device``: whether :func:`on_device` leaves the models on the device after a run when the caller places
-    them (``compute_device`` None: tests, or a model built outside ``load_grn``).
+    them (``compute_device`` None) outside ComfyUI.
+    ``patchers``: inside ComfyUI, the ``ModelPatcher`` of the refiner and of the tokenizer (``grn_nodes.patching``),
+    made on first use: ComfyUI's memory manager places the models whose ``compute_device`` is None.
     """
 
     model: GRNModel
@@ -42,6 +44,7 @@ class LoadedGRN:
     weight_dtype: str = "default"
     keep_on_device: bool = False
     offload: str = "auto"
+    patchers: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -76,11 +79,15 @@ def load_grn(
     offload: str = "auto",
     fit_preview: bool = True,
     device: Any = None,
+    cast_for: Any = None,
 ) -> LoadedGRN:
     """Load a refiner file (``None`` = the built-in tiny model) and its tokenizer; see ``model_files`` for paths.
 
-    ``device``: where the stages run (ComfyUI's torch device); the pipeline then casts the weights for it and places
-    the models per ``offload``. ``None`` loads on the CPU and never moves anything (:func:`on_device` does).
+    ``device``: where the stages run; the pipeline then casts the weights for it and places the models per
+    ``offload`` (the command line's way). ``None`` loads on the CPU and never moves anything: the caller places the
+    models (inside ComfyUI its memory manager, see ``patching``; elsewhere :func:`on_device`). ``cast_for`` (with
+    ``device`` None): the device the weights are cast for (ComfyUI's torch device: bf16 on GPUs for ``default``),
+    still loaded on the CPU and never placed by the pipeline.
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise node_error(LOAD, f"weight_dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}.")
@@ -88,20 +95,30 @@ def load_grn(
         raise node_error(LOAD, f"layout '{layout}' is not one of {', '.join(LAYOUTS)}.")
     policy = offload_policy(offload)
     dtype = None if weight_dtype == "default" else weight_dtype
+    caller_places = device is None and cast_for is not None
+    if caller_places:
+        # The library casts for the device it is given; offload 'model' keeps the weights on the CPU (see
+        # grn_core.pipeline.load_model), and compute_device None below makes every stage leave them where they are.
+        device, load_policy = cast_for, "model"
+    else:
+        load_policy = policy
     with errors_from(LOAD):
         if refiner_path is None:
             if not model_files.tiny_available():
                 raise GRNNodeError(model_files.tiny_missing_message(LOAD))
-            model = load_tiny(device=device, dtype=dtype, offload=policy)
+            model = load_tiny(device=device, dtype=dtype, offload=load_policy)
             refiner_name = tokenizer_name = model_files.TINY
         else:
             if tokenizer_path is None:
                 raise node_error(LOAD, "no tokenizer file: pick one, or 'auto' with the matching HBQ tokenizer in "
                                        "models/grn.")
             model = load_model(refiner_path, tokenizer_path, dtype=dtype, device=device,
-                               layout=None if layout == "auto" else layout, offload=policy, attention="auto")
+                               layout=None if layout == "auto" else layout, offload=load_policy, attention="auto")
             refiner_name, tokenizer_name = Path(refiner_path).name, Path(tokenizer_path).name
             model.name = refiner_name
+    if caller_places:
+        model.compute_device = None  # GRNModel.stage is a no-op: nothing is moved by the pipeline
+        model.offload = OffloadPolicy("none")
     if fit_preview:
         ensure_preview(model)
     keep = OffloadPolicy.parse(policy).mode == "none"

@@ -9,6 +9,11 @@ built-in text encoder, 32x32, 9 frames, the library's t2v defaults — with one 
 over the websocket; the history names an mp4 that ``/view`` serves, 9 frames of 32x32 showing what the prompt asks
 for; a run with more steps is interrupted midway and the next one completes.
 
+ComfyUI's memory manager holds the pack's refiner and tokenizer (``grn_nodes/patching.py``): after a run both are in
+``current_loaded_models`` and the next run loads nothing, ``POST /free`` unloads them, the run after loads them again
+and gives the same picture, and an interrupted run and its rerun leave one of each loaded — read from the pack's
+load/unload log lines and ComfyUI's own "Requested to load" lines in the server log.
+
 Same request, same bits, every door: text-to-image (1 frame) and text-to-video (1 and 9 frames) at 32x32, with fixed
 and with adaptive steps (the model's own rule), run through the server (``SaveImage`` writes one PNG per frame) and
 through the command line in the test process (``grn_core.cli.main(["generate", ...])``) give the same uint8 pixels.
@@ -20,6 +25,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -233,6 +239,95 @@ def test_interrupt_midway_then_a_full_run(server, object_info):
     _, events, outcome = _run(server, _tiny_prompt(object_info, seed=3, steps=5))
     assert outcome == "execution_success", outcome
     assert [e["step"] for e in events] == list(range(5))
+
+
+# ==== ComfyUI's memory manager ========================================================================================
+# The pack logs one INFO line whenever ComfyUI's memory manager loads or unloads its refiner or tokenizer
+# (grn_nodes/patching.py); ComfyUI itself logs "Requested to load <class>" whenever load_models_gpu does not find a
+# model in comfy.model_management.current_loaded_models. Both are read from the server log.
+
+GRN_MEMORY_LINE = re.compile(r"GRN: (refiner|tokenizer) \((.+?)\) (loaded by|unloaded by|released)")
+COMFY_CLASS = {"refiner": "GRNRefiner", "tokenizer": "HBQTokenizer"}
+
+
+def _log(server) -> str:
+    return server["log"].read_text(errors="replace")
+
+
+def _resident(text: str) -> tuple[dict, dict]:
+    """From the pack's lines: how many of each model the manager holds at the end of ``text``, and the most ever."""
+    now, most = {"refiner": 0, "tokenizer": 0}, {"refiner": 0, "tokenizer": 0}
+    for kind, _, what in GRN_MEMORY_LINE.findall(text):
+        now[kind] += 1 if what == "loaded by" else -1
+        most[kind] = max(most[kind], now[kind])
+    return now, most
+
+
+def _loads(text: str, kind: str) -> tuple[int, int]:
+    """(the pack's "loaded by" lines, ComfyUI's "Requested to load <class>" lines) for ``kind`` in ``text``."""
+    ours = sum(1 for k, _, what in GRN_MEMORY_LINE.findall(text) if k == kind and what == "loaded by")
+    return ours, text.count(f"Requested to load {COMFY_CLASS[kind]}")
+
+
+def _saved_pixels(server, prompt_id: str, save_id: str):
+    from grn_core.media import read_video
+
+    saved = _history(server, prompt_id)["outputs"][save_id]["images"]
+    assert len(saved) == 1, saved
+    return read_video(server["log"].parent / "output" / saved[0]["subfolder"] / saved[0]["filename"])[0]
+
+
+def test_refiner_and_tokenizer_live_in_comfyuis_memory_manager(server, object_info):
+    """After a run both models are in ``current_loaded_models`` and stay there (the next run loads nothing);
+    ``POST /free {"unload_models": true, "free_memory": true}`` (the menu's "Unload models" and "Free model and node
+    cache") unloads them, the next run loads them again and makes the same picture; an interrupted run and its rerun
+    leave one of each loaded."""
+    import numpy as np
+
+    prompt, save_id = _save_image_prompt(object_info, "t2i", 1, "a blue square", False, "grn/memory")
+    _inputs(prompt, "GRNRefineSampler")["steps"] = 8
+    other = json.loads(json.dumps(prompt))
+    _inputs(other, "GRNRefineSampler")["seed"] += 1
+
+    def run(request: dict) -> tuple[str, str]:
+        mark = len(_log(server))
+        prompt_id, _, outcome = _run(server, request)
+        assert outcome == "execution_success", f"{outcome}; log: {_log(server)[-3000:]}"
+        return prompt_id, _log(server)[mark:]
+
+    first_id, _ = run(prompt)
+    first = _saved_pixels(server, first_id, save_id)
+    assert _resident(_log(server)) == ({"refiner": 1, "tokenizer": 1}, {"refiner": 1, "tokenizer": 1}), \
+        _log(server)[-3000:]
+
+    _, text = run(other)  # both found in current_loaded_models: nothing is loaded again
+    assert _loads(text, "refiner") == (0, 0) and _loads(text, "tokenizer") == (0, 0), text[-3000:]
+
+    mark = len(_log(server))
+    _post(server, "/free", {"unload_models": True, "free_memory": True})
+    for _ in range(120):
+        if _resident(_log(server))[0] == {"refiner": 0, "tokenizer": 0}:
+            break
+        time.sleep(0.25)
+    unloaded = [k for k, _, what in GRN_MEMORY_LINE.findall(_log(server)[mark:]) if what == "unloaded by"]
+    assert sorted(unloaded) == ["refiner", "tokenizer"], _log(server)[mark:]
+
+    second_id, text = run(prompt)  # loaded again by the manager, the same picture
+    assert _loads(text, "refiner") == (1, 1) and _loads(text, "tokenizer") == (1, 1), text[-3000:]
+    assert np.array_equal(_saved_pixels(server, second_id, save_id), first)
+
+    interrupted = json.loads(json.dumps(prompt))
+    _inputs(interrupted, "GRNRefineSampler").update(steps=200, seed=7)
+    _, events, outcome = _run(server, interrupted, interrupt_after=3)
+    assert outcome == "execution_interrupted" and 3 <= len(events) < 200, outcome
+    third_id, text = run(prompt)
+    assert _loads(text, "refiner") == (0, 0) and _loads(text, "tokenizer") == (0, 0), text[-3000:]
+    assert np.array_equal(_saved_pixels(server, third_id, save_id), first)
+    whole = _log(server)
+    assert _resident(whole) == ({"refiner": 1, "tokenizer": 1}, {"refiner": 1, "tokenizer": 1}), whole[-3000:]
+    for kind in ("refiner", "tokenizer"):  # every load ComfyUI asked for is one the pack saw, and no other
+        ours, comfy = _loads(whole, kind)
+        assert ours == comfy >= 1, (kind, ours, comfy)
 
 
 # ==== same request, same bits, every door =============================================================================

@@ -151,11 +151,12 @@ def test_loader_lists_the_files_of_the_models_folder(comfy, nodes):
 
 # ---- Load GRN --------------------------------------------------------------------------------------------------------
 
-def test_load_tiny_on_comfys_device(tiny):
+def test_load_tiny_on_the_cpu_for_comfys_memory_manager(tiny):
     assert tiny.refiner_name == "tiny" and tiny.model.name == "tiny"
-    assert tiny.model.compute_device == torch.device("cpu")  # mm.get_torch_device(): the pipeline places the models
+    assert tiny.model.compute_device is None  # the pipeline never places them: ComfyUI's memory manager does
     assert tiny.offload == "auto" and tiny.model.offload == OffloadPolicy("none")
     assert tiny.model.text_encoder is not None and tiny.model.preview is not None
+    assert all(p.device.type == "cpu" for m in (tiny.model.refiner, tiny.model.tokenizer) for p in m.parameters())
 
 
 def test_load_auto_tokenizer_picks_the_file_for_the_refiners_channels(golden):
@@ -174,7 +175,8 @@ def wide(comfy, nodes) -> LoadedGRN:
 def test_load_explicit_tokenizer(wide):
     assert (wide.refiner_name, wide.tokenizer_name) == ("my_umt5xxl_refiner.safetensors", "my_tokenizer.safetensors")
     assert wide.model.text_channels == 4096 and wide.tasks == ("t2v",) and wide.model.weight_dtype == "fp32"
-    assert wide.offload == "model" and wide.model.offload.mode == "none"  # on the CPU nothing is offloaded
+    # the widget's policy is kept (saved workflows); inside ComfyUI the memory manager places the models
+    assert wide.offload == "model" and wide.model.offload.mode == "none" and wide.model.compute_device is None
 
 
 def test_load_auto_without_a_matching_tokenizer_says_what_to_get(comfy, nodes):
@@ -348,7 +350,7 @@ def test_t2v_sends_an_event_and_a_progress_update_per_step(comfy, nodes, tiny, t
     assert [(p.node_id, p.value, p.total) for p in comfy.progress] == [("31", s, 4) for s in (1, 2, 3, 4)]
     kind, image, size = comfy.progress[0].preview  # ("JPEG", PIL image, max side) as ComfyUI's preview format
     assert kind == "JPEG" and size == 512 and min(image.size) >= 256
-    assert len(comfy.freed) == 1 and comfy.freed[0][0] > 0 and comfy.freed[0][1] == torch.device("cpu")
+    assert len(comfy.loads) == 1 and comfy.loads[0].models == [tiny.patchers["refiner"]]  # see the memory tests
     assert comfy.cache_emptied == 1  # soft_empty_cache after the run
     assert out.ui == {"text": ["32x32, 9 frames; 4 steps, guidance 3, temperature 1"]}
     assert tokens.extras["settings_note"] == out.ui["text"][0] and len(tokens.extras["steps"]) == 4
@@ -396,7 +398,7 @@ def test_size_widgets_snap_and_the_note_says_so(comfy, nodes, tiny, tiny_cond):
 def test_sampler_without_conditioning_for_a_text_model_says_what_to_connect(comfy, nodes, tiny):
     with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: connect a conditioning from GRN Encode Prompt"):
         comfy.run(nodes.GRNRefineSampler, model=tiny, **sampler_inputs())
-    assert comfy.events == [] and comfy.freed == []
+    assert comfy.events == [] and comfy.loads == []
 
 
 @pytest.fixture(scope="module")
@@ -412,8 +414,11 @@ def test_i2v_from_an_image_and_from_encode_image_tokens_give_the_same_run(comfy,
     assert encoded.bits.shape == (1, 32, 1, 3, 4) and (encoded.width, encoded.height, encoded.frames) == (64, 48, 1)
     from_image = comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond,
                            first_frame=first_frame_image, **size).args[0]
+    # the image is encoded inside the sampler's stage: ComfyUI loads the tokenizer with the refiner
+    assert comfy.loads[-1].models == [golden.patchers["refiner"], golden.patchers["tokenizer"]]
     from_tokens = comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond,
                             first_frame_tokens=encoded, **size).args[0]
+    assert comfy.loads[-1].models == [golden.patchers["refiner"]]
     assert from_image.task == from_tokens.task == "i2v" and from_image.bits.shape == (1, 32, 2, 3, 4)
     assert torch.equal(from_tokens.bits[:, :, :1], encoded.bits)  # the given frame's tokens are kept as they are
     assert torch.equal(from_image.bits[:, :, :1], encoded.bits)  # the image is prepared and encoded the same way
@@ -436,7 +441,7 @@ def test_bad_first_frame_is_refused_before_the_run(comfy, nodes, golden, golden_
     with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: first_frame must be an IMAGE \[B, H, W, 3\]"):
         comfy.run(nodes.GRNRefineSampler, model=golden, conditioning=golden_cond, first_frame=torch.rand(48, 64, 3),
                   **sampler_inputs(width=64, height=48, frames=5))
-    assert comfy.freed == []
+    assert comfy.loads == []
 
 
 def _record_moves(module, log, name):
@@ -449,28 +454,44 @@ def _record_moves(module, log, name):
     module.to = to
 
 
-def test_interrupt_from_the_progress_hook_stops_the_run_and_offloads(comfy, nodes):
+def _entries(comfy, module) -> int:
+    """How many entries of ComfyUI's ``current_loaded_models`` hold ``module`` (through any patcher)."""
+    return sum(1 for m in comfy.mm.current_loaded_models if m.model is not None and m.model.model is module)
+
+
+def test_interrupt_from_the_progress_hook_stops_the_run_and_the_rerun_loads_nothing_twice(comfy, nodes, tiny,
+                                                                                        tiny_cond):
     from grn_nodes.loading import load_grn
 
-    loaded = load_grn(None, None)  # caller-placed (no device): the node moves the models around the run itself
+    loaded = load_grn(None, None)  # caller-placed, built outside Load GRN: the nodes hand it to ComfyUI's manager
     moves = []
     _record_moves(loaded.model.refiner, moves, "refiner")
     _record_moves(loaded.model.tokenizer, moves, "tokenizer")
-    cond = comfy.run(nodes.GRNEncodePrompt, model=loaded, prompt="a cat").args[0]
     comfy.on_send = lambda event, data: comfy.interrupt() if data["step"] == 1 else None  # Cancel during step 2
     with pytest.raises(InterruptProcessingException):
-        comfy.run(nodes.GRNRefineSampler, model=loaded, conditioning=cond, **sampler_inputs(steps=6))
+        comfy.run(nodes.GRNRefineSampler, model=loaded, conditioning=tiny_cond, **sampler_inputs(steps=6))
     assert [p.value for p in comfy.progress] == [1] and len(comfy.events) == 2  # stopped at the second update
-    assert moves == [("refiner", "cpu"), ("tokenizer", "cpu"), ("refiner", "cpu"), ("tokenizer", "cpu")]
     assert comfy.cache_emptied == 1 and comfy.interrupted is False  # cleaned up; the flag is consumed
-    assert all(p.device.type == "cpu" for m in (loaded.model.refiner, loaded.model.tokenizer) for p in m.parameters())
+    refiner = loaded.patchers["refiner"]
+    # ModelPatcher.load moved the whole refiner (model.to) to the load device; the interrupt leaves it loaded, as
+    # ComfyUI leaves its own models
+    assert moves == [("refiner", "cpu")] and refiner.loaded_size() == refiner.model_size()
+    assert _entries(comfy, loaded.model.refiner) == 1 and "tokenizer" not in loaded.patchers
+
+    comfy.reset()
+    again = comfy.run(nodes.GRNRefineSampler, model=loaded, conditioning=tiny_cond, **sampler_inputs(steps=6)).args[0]
+    assert loaded.patchers["refiner"] is refiner and _entries(comfy, loaded.model.refiner) == 1
+    assert moves == [("refiner", "cpu")]  # found resident: not loaded again
+    reference = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond,
+                          **sampler_inputs(steps=6)).args[0]  # the same weights, never interrupted
+    assert torch.equal(again.bits, reference.bits)
 
 
 def test_interrupt_before_the_run_asks_for_no_memory(comfy, nodes, tiny, tiny_cond):
     comfy.interrupt()
     with pytest.raises(InterruptProcessingException):
         comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs())
-    assert comfy.freed == [] and comfy.events == []
+    assert comfy.loads == [] and comfy.freed == [] and comfy.events == []
 
 
 # ---- class to image --------------------------------------------------------------------------------------------------
@@ -551,3 +572,147 @@ def test_refine_stats_charts_a_run_and_an_encoded_image(comfy, nodes, tiny, tiny
     image = comfy.run(nodes.GRNEncodeImage, model=tiny, image=torch.rand(1, 32, 32, 3), width=0, height=0).args[0]
     empty = comfy.run(nodes.GRNRefineStats, tokens=image).args[0]
     assert empty.shape == chart.shape and not torch.equal(empty, chart)
+
+
+# ---- ComfyUI's memory manager ----------------------------------------------------------------------------------------
+# The refiner and the tokenizer each live in a ModelPatcher (grn_nodes/patching.py) that the nodes load through
+# load_models_gpu before each stage; the fakes run ComfyUI's own bookkeeping (tests/_fake_comfy.py).
+
+def _patcher_logs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "grn_nodes.patching"]
+
+
+def test_sampler_loads_the_refiner_with_one_steps_activations(comfy, nodes, tiny, tiny_cond):
+    from grn_core.pipeline import refiner_stage_bytes
+    from grn_core.runtime.offload import module_bytes
+
+    comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs())
+    refiner = tiny.patchers["refiner"]
+    guidance = comfy.defaults(nodes.GRNRefineSampler)["guidance"]
+    text_tokens = tiny_cond.features["t2v"].cond.shape[0]
+    weights = module_bytes(tiny.model.refiner)
+    activations = refiner_stage_bytes(tiny.model, 32, 32, 9, "t2v", guidance, text_tokens) - weights
+    assert [tuple(c) for c in comfy.loads] == [([refiner], activations, True)] and activations > 0
+    # the patcher wraps the very module the GRNModel runs, with its true size and ComfyUI's devices
+    assert refiner.model is tiny.model.refiner and refiner.size == weights
+    assert refiner.load_device == comfy.device and refiner.offload_device == torch.device("cpu")
+    assert refiner in comfy.loaded and refiner.loaded_size() == weights and _entries(comfy, tiny.model.refiner) == 1
+
+
+def test_decode_and_encode_load_the_tokenizer_with_their_estimates(comfy, nodes, tiny, tiny_tokens):
+    from grn_core.tokenizer.tiled import estimate_decode_memory
+
+    config, dtype = tiny.model.tokenizer.config, next(tiny.model.tokenizer.parameters()).dtype
+    comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=tiny_tokens, tile=0)
+    comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=tiny_tokens, tile=2)
+    tokenizer = tiny.patchers["tokenizer"]
+    assert tokenizer.model is tiny.model.tokenizer and tokenizer in comfy.loaded
+    whole = estimate_decode_memory(config, (4, 4), None, 4, dtype).total  # one latent frame of 4x4 cells
+    tiled = estimate_decode_memory(config, (4, 4), 2, 1, dtype).total  # 2-cell tiles, overlap at most half a tile
+    assert [tuple(c) for c in comfy.loads] == [([tokenizer], whole, True), ([tokenizer], tiled, True)]
+    assert 0 < tiled < whole
+    comfy.run(nodes.GRNEncodeImage, model=tiny, image=torch.rand(5, 32, 32, 3), width=0, height=0)
+    call = comfy.loads[-1]
+    assert call.models == [tokenizer] and call.memory_required >= 3 * 5 * 32 * 32 * 4 + whole
+    assert _entries(comfy, tiny.model.tokenizer) == 1
+
+
+def test_unload_models_then_rerun_gives_the_same_bits(comfy, nodes, tiny, tiny_cond, caplog):
+    from grn_core.runtime.memory import format_bytes
+
+    caplog.set_level("INFO", logger="grn_nodes.patching")
+    first = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs()).args[0]
+    images = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=first, tile=0).args[0]
+    refiner, tokenizer = tiny.patchers["refiner"], tiny.patchers["tokenizer"]
+    assert refiner in comfy.loaded and tokenizer in comfy.loaded
+    caplog.clear()
+    comfy.mm.unload_all_models()  # "Unload models" / POST /free {"unload_models": true}
+    assert refiner not in comfy.loaded and tokenizer not in comfy.loaded
+    assert refiner.loaded_size() == 0 == tokenizer.loaded_size()
+    logs = _patcher_logs(caplog)  # every GRN model of this module's tests is unloaded; look for ours
+    for p in (refiner, tokenizer):
+        assert f"GRN: {p.grn_label} unloaded by ComfyUI's memory manager ({format_bytes(p.model_size())} back to " \
+               f"cpu)" in logs
+    caplog.clear()
+    again = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs()).args[0]
+    images_again = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=again, tile=0).args[0]
+    assert torch.equal(again.bits, first.bits) and torch.equal(images_again, images)
+    assert [m.split(" loaded by")[0] for m in _patcher_logs(caplog)] == ["GRN: refiner (tiny)", "GRN: tokenizer (tiny)"]
+    assert _entries(comfy, tiny.model.refiner) == 1 and _entries(comfy, tiny.model.tokenizer) == 1
+
+
+def test_another_model_evicts_ours_whole_and_they_come_back(comfy, nodes, tiny, tiny_cond):
+    from tests._fake_comfy import GiB
+
+    comfy.vram = 3 * GiB  # the device now has a budget: ComfyUI's accounting decides who stays
+    first = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs()).args[0]
+    refiner = tiny.patchers["refiner"]
+    assert refiner in comfy.loaded
+    ModelPatcher = comfy.modules["comfy.model_patcher"].ModelPatcher
+    # a ComfyUI model that needs nearly all of it (whole: its declared size is not its layers')
+    other = ModelPatcher(torch.nn.Linear(4, 4), comfy.device, torch.device("cpu"), size=int(2.2 * GiB))
+    comfy.mm.load_models_gpu([other], force_full_load=True)
+    assert other in comfy.loaded and refiner not in comfy.loaded
+    assert refiner.loaded_size() == 0 and not tiny.model.refiner.model_lowvram  # evicted whole, not in part
+    again = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs()).args[0]
+    assert refiner in comfy.loaded and other not in comfy.loaded  # ours back; ComfyUI made room for it
+    assert torch.equal(again.bits, first.bits)
+
+
+def test_patcher_is_all_or_nothing(comfy, nodes, tiny, tiny_cond):
+    """ComfyUI's partial load moves only the layers that fit and expects comfy.ops layers to cast the rest in
+    forward; GRN's layers cannot, so GRN's patcher loads whole and, asked to give back part, gives back none."""
+    ModelPatcher = comfy.modules["comfy.model_patcher"].ModelPatcher
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    half = ModelPatcher(plain, comfy.device, torch.device("cpu"))
+    half.load(comfy.device, lowvram_model_memory=half.model_size() * 0.6)
+    assert 0 < half.loaded_size() < half.model_size() and not plain.model_lowvram  # ComfyUI: one layer behind
+    half.detach()
+
+    comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs(frames=1, steps=2))
+    refiner = tiny.patchers["refiner"]
+    entry = next(m for m in comfy.mm.current_loaded_models if m.model is refiner)
+    assert refiner.partially_unload(torch.device("cpu"), memory_to_free=1) == 0
+    assert refiner.loaded_size() == refiner.model_size()
+    assert entry.model_unload(memory_to_free=1) is True  # so ComfyUI unloads it whole
+    comfy.mm.current_loaded_models.remove(entry)
+    assert refiner.loaded_size() == 0 and refiner not in comfy.loaded
+    assert refiner.partially_load(comfy.device, extra_memory=1) == refiner.model_size()  # a lowvram offer: whole
+    assert not tiny.model.refiner.model_lowvram
+    refiner.detach()
+
+
+@pytest.mark.parametrize("vram_state", ["LOW_VRAM", "NO_VRAM"])
+def test_lowvram_states_still_load_grn_models_whole(comfy, nodes, tiny, tiny_cond, vram_state):
+    from tests._fake_comfy import GiB
+
+    reference = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond,
+                          **sampler_inputs(frames=1, steps=2)).args[0]
+    comfy.mm.unload_all_models()
+    comfy.vram, comfy.vram_state = 2 * GiB, vram_state  # --lowvram / --novram: ComfyUI offers a partial load
+    tokens = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond,
+                       **sampler_inputs(frames=1, steps=2)).args[0]
+    refiner = tiny.patchers["refiner"]
+    assert comfy.loads[-1].force_full_load and refiner.loaded_size() == refiner.model_size()
+    assert not tiny.model.refiner.model_lowvram and torch.equal(tokens.bits, reference.bits)
+
+
+def test_offload_widget_other_than_auto_says_the_manager_decides(comfy, nodes, caplog):
+    caplog.set_level("INFO", logger="grn_nodes.patching")
+    loaded = comfy.run(nodes.GRNLoadModel, refiner="tiny", offload="blocks").args[0]
+    assert loaded.offload == "blocks" and loaded.model.compute_device is None  # kept for saved workflows
+    assert not hasattr(loaded.model.refiner, "block_offload") or loaded.model.refiner.block_offload is None
+    assert any("offload 'blocks' is the command line's policy" in m and "not supported yet" in m
+               for m in _patcher_logs(caplog))
+
+
+def test_preview_of_a_model_without_one_is_fitted_with_the_tokenizer_comfy_loaded(golden):
+    assert golden.model.preview is not None and "tokenizer" in golden.patchers
+
+
+def test_library_placed_model_only_asks_comfy_for_room(comfy, nodes, tiny_cond):
+    from grn_nodes.loading import load_grn
+
+    placed = load_grn(None, None, device="cpu")  # the command line's way: the pipeline places the models
+    comfy.run(nodes.GRNRefineSampler, model=placed, conditioning=tiny_cond, **sampler_inputs(frames=1, steps=2))
+    assert placed.patchers == {} and comfy.loads == [] and len(comfy.freed) == 1 and comfy.freed[0][0] > 0
