@@ -13,6 +13,8 @@ activation estimate), so ComfyUI keeps them resident, evicts them and unloads th
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from typing import Any, Optional
 
@@ -21,6 +23,7 @@ from comfy_api.latest import ComfyExtension, io
 from grn_core.pipeline import ensure_preview
 from grn_core.presets import ADAPTIVE_RULES as RULES
 from grn_core.presets import FPS, MAX_FRAMES, preset
+from grn_core.refiner.model import RefinerInterrupted
 
 from . import model_files, patching
 from .errors import ENCODE_PROMPT
@@ -266,7 +269,7 @@ class GRNRefineSampler(io.ComfyNode):
         activations = patching.refiner_activation_bytes(
             model, refiner_memory_bytes(model, plan, task, settings, conditioning))
         which = ("refiner", "tokenizer") if frame is not None else ("refiner",)
-        with patching.stage(model, which, activations, mm):
+        with patching.stage(model, which, activations, mm), _cancel_between_blocks(model.model.refiner, mm):
             result = run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
                                  first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
         result.bits = result.bits.to(mm.intermediate_device())
@@ -274,6 +277,23 @@ class GRNRefineSampler(io.ComfyNode):
         result.extras["size_note"] = plan.note
         result.extras["settings_note"] = note
         return io.NodeOutput(result, ui={"text": [note]})
+
+
+@contextlib.contextmanager
+def _cancel_between_blocks(refiner: Any, mm: Any):
+    """ComfyUI's Cancel also ends a long step between two refiner blocks (``GRNRefiner.should_stop``), not only
+    between steps; the stop surfaces as ComfyUI's own interruption, as a press of Cancel anywhere else does."""
+    hooked = hasattr(type(refiner), "should_stop")
+    if hooked:
+        refiner.should_stop = mm.processing_interrupted
+    try:
+        yield
+    except RefinerInterrupted:
+        mm.throw_exception_if_processing_interrupted()
+        raise
+    finally:
+        if hooked:
+            refiner.should_stop = None
 
 
 def _prompt_id() -> Optional[str]:

@@ -716,3 +716,25 @@ def test_library_placed_model_only_asks_comfy_for_room(comfy, nodes, tiny_cond):
     placed = load_grn(None, None, device="cpu")  # the command line's way: the pipeline places the models
     comfy.run(nodes.GRNRefineSampler, model=placed, conditioning=tiny_cond, **sampler_inputs(frames=1, steps=2))
     assert placed.patchers == {} and comfy.loads == [] and len(comfy.freed) == 1 and comfy.freed[0][0] > 0
+
+
+def test_cancel_inside_a_step_ends_it_between_refiner_blocks(comfy, nodes, tiny, tiny_cond):
+    """ComfyUI's Cancel is also read between the refiner's blocks (GRNRefiner.should_stop), so a long step ends
+    within one block; it surfaces as ComfyUI's own InterruptProcessingException, and the hook is removed after."""
+    refiner = tiny.model.refiner
+    first_block = refiner.blocks[0]
+    calls = []
+
+    def cancel_in_block(module, args):  # Cancel pressed while the first block of the first step runs
+        calls.append(1)
+        if len(calls) == 1:
+            comfy.interrupt()
+
+    handle = first_block.mlp.register_forward_pre_hook(cancel_in_block)  # the MLP runs as a module call
+    try:
+        with pytest.raises(InterruptProcessingException):
+            comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **sampler_inputs(steps=4))
+    finally:
+        handle.remove()
+    assert comfy.events == [] and comfy.progress == []  # stopped inside step 1, before its end
+    assert refiner.should_stop is None
