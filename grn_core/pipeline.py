@@ -341,6 +341,12 @@ class GenerationRequest:
     seed: int = 0
     batch_size: int = 1
     settings: Optional[SamplerSettings] = None
+    # Editing (grn_core.editing): the source's bits on the output grid, uint8 [1 or B, rounds*d, t, h, w]; latent
+    # cells kept from them, bool [1 or B, 1, t, h, w] or [t, h, w]; strength 1 regenerates the free cells fully,
+    # 0 returns init_bits unchanged (start step round((1 - strength) * steps)).
+    init_bits: Optional[torch.Tensor] = None
+    fixed: Optional[torch.Tensor] = None
+    strength: float = 1.0
 
 
 @dataclass
@@ -452,6 +458,7 @@ def generate_tokens(
     uncond = features.uncond
     if settings.guidance != 1.0 and uncond is None:
         raise ValueError("guidance needs the negative-prompt features: encode the prompt with need_uncond=True.")
+    init_bits, fixed, start_step = _edit_inputs(model, request, grid, settings)
     preview_fn = bits_preview(model.preview, model.rounds) if (preview and model.preview is not None) else None
     size = f"{request.width}x{request.height}" + (f"x{request.frames} frames" if request.frames > 1 else "")
     advice = lambda: step_advice(model.weight_dtype, model.offload.describe(), size, request.batch_size,  # noqa: E731
@@ -462,9 +469,39 @@ def generate_tokens(
             model.refiner, features.cond, uncond if settings.guidance != 1.0 else None,
             grid=grid, batch_size=request.batch_size, seed=request.seed, settings=settings,
             aspect_ratio=request.height / request.width, first_frame_bits=first_frame_bits,
-            callback=callback, preview_fn=preview_fn,
+            callback=callback, preview_fn=preview_fn, init_bits=init_bits, fixed=fixed, start_step=start_step,
         )
     return TokenResult(result.bits, result, task, request.width, request.height, request.frames)
+
+
+def _edit_inputs(model: GRNModel, request: GenerationRequest, grid: tuple[int, int, int], settings: SamplerSettings
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+    """``init_bits`` / ``fixed`` / start step of a request, checked against its grid (ValueError naming the fix)."""
+    from .editing import check_strength, strength_to_start
+
+    strength = check_strength(request.strength)
+    init, fixed = request.init_bits, request.fixed
+    if init is None:
+        if fixed is not None or strength != 1.0:
+            raise ValueError("a strength below 1 or kept cells need init_bits (the source's bits: encode it with "
+                             "grn_core.editing.encode_source or `python -m grn_core encode`).")
+        return None, None, 0
+    expected = (model.rounds * model.latent_channels, *grid)
+    if not isinstance(init, torch.Tensor) or init.dim() != 5 or tuple(init.shape[1:]) != expected or \
+            init.shape[0] not in (1, request.batch_size):
+        shape = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+        raise ValueError(f"init_bits has shape {shape} but a {request.width}x{request.height}, {request.frames}-frame "
+                         f"output needs [1, {', '.join(map(str, expected))}]; encode the source at the output's size "
+                         "and frame count.")
+    if isinstance(fixed, torch.Tensor) and fixed.dim() == 3:
+        fixed = fixed[None, None]
+    if fixed is not None and (not isinstance(fixed, torch.Tensor) or tuple(fixed.shape[-3:]) != grid):
+        shape = tuple(fixed.shape) if isinstance(fixed, torch.Tensor) else type(fixed).__name__
+        raise ValueError(f"the kept-cell map has shape {shape}; expected [{', '.join(map(str, grid))}] latent cells "
+                         "(grn_core.editing.mask_to_cells with the output's size).")
+    if fixed is not None:
+        fixed = fixed.bool()
+    return init, fixed, strength_to_start(strength, settings.steps)
 
 
 def _first_latent_frame(model: GRNModel, bits: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

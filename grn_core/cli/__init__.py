@@ -1,4 +1,4 @@
-"""The command line: ``python -m grn_core {generate,calibrate,inspect,convert} ...``.
+"""The command line: ``python -m grn_core {generate,encode,calibrate,inspect,convert} ...``.
 
 A face over the library: argparse, progress, files and exit codes live here and nowhere in the library. Every
 expected failure (a bad flag value, a missing or damaged file, a request too large for the memory) ends as one
@@ -15,7 +15,7 @@ import sys
 
 from ..checkpoint_files import CheckpointError
 from ..runtime.memory import GRNOutOfMemoryError
-from . import calibrate, convert, generate
+from . import calibrate, convert, encode, generate
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("generate", help="prompt → image or video")
     generate.add_generate_arguments(command)
     command.set_defaults(run=generate.run)
+    command = commands.add_parser("encode", help="an image or video → its tokens (.safetensors) for --init/--extend")
+    encode.add_encode_arguments(command)
+    command.set_defaults(run=encode.run)
     command = commands.add_parser("calibrate", help="fit the adaptive-step rule (k, b) on a prompt list")
     calibrate.add_calibrate_arguments(command)
     command.set_defaults(run=calibrate.run)

@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..media import StagedFile, check_fps, check_output, encode_frames, to_uint8
@@ -73,6 +74,20 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=16.0, help="frames per second of the file, 0.01..1000")
     parser.add_argument("--preview-dir", type=Path, default=None,
                         help="write the token-state map and RGB preview of every step as PNGs")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="refine a source: an image, a video or a .safetensors from `encode`")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="with --init: 0 keeps the source, 1 regenerates fully (default 1); start step "
+                             "round((1 - strength) * steps)")
+    parser.add_argument("--mask", type=Path, default=None,
+                        help="with --init: an image, white = regenerate, black = keep (a cell is kept when all its "
+                             "pixels are black); resized to the output with a warning")
+    parser.add_argument("--mask-grow", type=int, default=0, help="grow the regenerated region by N latent cells")
+    parser.add_argument("--extend", type=Path, default=None,
+                        help="continue a clip: its last frame becomes the first frame of the new one (a video, an "
+                             "image or a .safetensors from `encode`)")
+    parser.add_argument("--save-tokens", type=Path, default=None,
+                        help="also write the final bits to T.safetensors ([1, rounds*d, t, h, w], as `encode`)")
 
 
 def state_map_image(states: torch.Tensor, scale: int = 4):
@@ -212,6 +227,7 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
             raise ValueError("--adaptive-rule with --no-adaptive: drop one of the two.")
         rule = read_rule(check_input_file("--adaptive-rule", args.adaptive_rule))
     picture = _read_image(args.image) if args.image is not None else None
+    edit = _read_edit_inputs(args, task)
     if preview.spec is not None and task is not None:
         _check_plan(args, preview.spec, task, out, rule)
     else:  # factors or task unknown until loaded: refuse only what no released tokenizer (at most 16 px a cell) allows
@@ -223,6 +239,7 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
         model, encoder, default_task = load_from_args(args)
     task = args.task or default_task
     check_flags(args, task)
+    _size_from_tokens(args, edit, model)
     plan, settings = _check_plan(args, model, task, out, rule)
     if plan.snapped:
         warn(f"making {plan.note}.")
@@ -255,8 +272,9 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
             feats = encode_prompt(model, encoder, args.prompt, negative, task=task,
                                   need_uncond=settings.guidance != 1.0)
         image = prepare_first_frame(picture, plan.width, plan.height) if picture is not None else None
+        init_bits, fixed, strength = _edit_request(args, edit, model, plan, settings)
         request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,
-                                    settings=settings)
+                                    settings=settings, init_bits=init_bits, fixed=fixed, strength=strength)
         try:
             with ctrl_c.cooperative(model.refiner):
                 tokens = generate_tokens(model, feats, request, first_frame=image, callback=on_step,
@@ -267,10 +285,109 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
         video = decode_tokens(model, tokens)[0]
     with stage(f"writing {out}"):
         _write_outputs(out, video, args, task, negative, plan, settings, tokens, started)
+    if args.save_tokens is not None:
+        from .encode import tokens_metadata, write_tokens
+
+        with stage(f"writing {args.save_tokens}"):
+            write_tokens(args.save_tokens, tokens.bits[:1],
+                         tokens_metadata(model, tokens.bits, seed=args.seed, output=out), sidecar=False)
     result = tokens.sampling
     print(f"wrote {out} ({int(video.shape[0])} frames, {result.steps[0]} steps, {result.nfe[0]} network passes, "
           f"{time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def _read_edit_inputs(args: argparse.Namespace, task: Optional[str]) -> dict:
+    """--init / --strength / --mask / --extend / --save-tokens: combinations checked and files read, before any
+    model is loaded."""
+    from ..editing import check_strength
+    from .encode import read_source
+
+    edit: dict = {}
+    if args.init is not None and args.extend is not None:
+        raise ValueError("--init and --extend both give a source; use one (--extend continues a clip, --init "
+                         "refines one).")
+    if args.init is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --init SRC (the image, video or tokens to refine).")
+    if args.mask_grow and args.mask is None:
+        raise ValueError("--mask-grow needs --mask.")
+    if args.strength is not None:
+        check_strength(args.strength)
+    if args.save_tokens is not None and Path(args.save_tokens).suffix.lower() != ".safetensors":
+        raise ValueError(f"--save-tokens {args.save_tokens}: token files are .safetensors.")
+    if (args.init is not None or args.extend is not None) and task in ("c2i", "i2v"):
+        raise ValueError(f"--init / --extend refine text-to-image/video requests; this is {task.upper()}.")
+    if args.init is not None:
+        edit["init"] = read_source("--init", args.init)
+    if args.extend is not None:
+        edit["extend"] = read_source("--extend", args.extend)
+    if args.mask is not None:
+        from PIL import Image
+
+        path = check_input_file("--mask", args.mask)
+        try:
+            with Image.open(path) as image:
+                edit["mask"] = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        except Exception as error:  # noqa: BLE001 - Pillow's ways of saying "damaged"
+            raise ValueError(f"--mask {path}: not a readable picture ({error}); give a black-and-white "
+                             "PNG.") from error
+    return edit
+
+
+def _size_from_tokens(args: argparse.Namespace, edit: dict, model: Any) -> None:
+    """A tokens source sets the output size when --width/--height/--frames are not given."""
+    source = edit.get("init")
+    if source is None or source[0] != "tokens":
+        return
+    bits = source[1][0]
+    sf, tf = model.spatial_factor, model.temporal_factor
+    if args.width is None and args.height is None and args.resolution is None:
+        args.width, args.height = bits.shape[4] * sf, bits.shape[3] * sf
+    if args.frames is None and args.duration is None:
+        args.frames = 1 + (bits.shape[2] - 1) * tf
+
+
+def _edit_request(args: argparse.Namespace, edit: dict, model: Any, plan, settings):
+    """(init_bits, fixed, strength) of the request from the sources read by :func:`_read_edit_inputs`."""
+    from ..editing import encode_source, extend_source, mask_to_cells
+    from ..pipeline import latent_grid_for
+    from .encode import check_tokens
+
+    if not edit or ("init" not in edit and "extend" not in edit):
+        return None, None, 1.0
+    grid = latent_grid_for(model, plan.width, plan.height, plan.frames)
+    strength = 1.0 if args.strength is None else float(args.strength)
+    if "extend" in edit:
+        kind, source = edit["extend"]
+        if kind == "tokens":  # its last latent frame decoded to pixels, then encoded as a 1-frame clip
+            from ..pipeline import decode_tokens
+
+            bits = check_tokens("--extend", args.extend, source[0], model)
+            with stage("encoding --extend"):
+                last = decode_tokens(model, bits[:, :, -1:])[0, -1]  # [H, W, 3] in [0, 1]
+                frame = prepare_first_frame(last, plan.width, plan.height)
+                init, fixed = extend_source(model, frame, grid)
+        else:
+            frame = prepare_first_frame(source[-1], plan.width, plan.height)
+            with stage("encoding --extend"):
+                init, fixed = extend_source(model, frame, grid)
+        return init, fixed, 1.0
+    kind, source = edit["init"]
+    if kind == "tokens":
+        init = check_tokens("--init", args.init, source[0], model, grid)
+    else:
+        with stage("encoding --init"):
+            try:
+                init = encode_source(model, source, plan.width, plan.height, plan.frames)
+            except ValueError as error:
+                raise ValueError(f"--init {args.init}: {error}") from error
+    fixed = None
+    if "mask" in edit:
+        fixed = mask_to_cells(edit["mask"], model.spatial_factor, model.temporal_factor, grow=args.mask_grow,
+                              size=(plan.frames, plan.height, plan.width), strength=strength, warn=warn)
+    return init, fixed, strength
 
 
 def _read_image(path: Path):
@@ -314,6 +431,11 @@ def sidecar_text(out: Path, args: argparse.Namespace, task: str, negative: str, 
         sidecar["class_index"] = args.class_index
     if args.image is not None:
         sidecar["image"] = str(args.image)
+    for key in ("init", "mask", "extend"):
+        if getattr(args, key, None) is not None:
+            sidecar[key] = str(getattr(args, key))
+    if getattr(args, "init", None) is not None:
+        sidecar["strength"] = 1.0 if args.strength is None else float(args.strength)
     try:
         return json.dumps(sidecar, indent=1, default=_json_default, allow_nan=False)
     except ValueError as error:

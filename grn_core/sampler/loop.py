@@ -21,6 +21,32 @@ Per step i, for every running sample (rows of the batch):
   step being the first of them (total ``warmup + D``; schedule in ``schedule``); a finished sample leaves
   the batch (``running.RunningBatch`` slices its rows out, so later calls pass fewer rows to the refiner).
 
+Editing (the token map as a canvas: ``init_bits``, ``fixed``, ``start_step``; ``grn_core.editing`` builds them):
+
+* ``init_bits`` uint8 ``[1 or B, D, t, h, w]``: a source's bits on the output grid (I2V: the first latent frame of
+  the grid is the given frame and ``init_bits[:, :, 0]`` is ignored).
+* ``fixed`` bool ``[1 or B, 1, t, h, w]``: latent cells clamped to ``init_bits`` at every step. Every bit of a fixed
+  cell takes the source's value in the starting map, in every step's full sample ``s`` and in every mixed map
+  ``x_{i+1}``, and counts as kept (state KEEP); the refiner sees those bits as context because they are in its input.
+  The clamp is done through the step's uniforms, never by drawing fewer numbers: at fixed bits ``u_keep = -1``
+  (always kept) and ``u_sample = -1`` where the source bit is 1, ``2`` where it is 0 (``u < p1`` then gives the
+  source bit for every ``p1`` in [0, 1]). The final bits at fixed cells therefore equal ``init_bits`` exactly. The
+  entropy statistics still read the network's prediction there.
+* ``start_step`` k (``0 <= k <= T``, ``T = settings.steps``; from a strength ``s``: ``k = round((1 - s) * T)``,
+  ``editing.strength_to_start``): the run starts part-way with
+
+      keep_k ~ Bernoulli(r_k) per bit        (r_k = bit_keep_fraction(k - 1, T, ...), the schedule's kept fraction)
+      x_k    = where(keep_k, init_bits, Z)   (then fixed bits := init_bits)
+      r_k   <- mean(keep_k | fixed)          (the realised fraction is the step value the refiner sees)
+
+  and steps k .. T-1 run (the ``StepInfo.step`` values are k .. T-1 of T). Random numbers, per sample from its own
+  generator: Z first, then (only when k > 0) the ``[tokens, D]`` uniforms of keep_k, then per step the sampling and
+  keep uniforms as before; with k = 0 and no ``fixed`` nothing changes, so existing seeds reproduce bit for bit.
+  Without ``start_step`` but with ``fixed``: x_0 = where(fixed, init_bits, Z), r_0 = mean(fixed).
+  k = T (strength 0) runs no network pass and draws nothing: the result is ``init_bits`` exactly (steps 0, nfe 0).
+  Adaptive steps decide the step count at step ``warmup`` of a run that starts at 0, so ``0 < k < T`` with
+  ``settings.adaptive`` is refused (use fixed steps).
+
 Code: ``sample_bits`` = ``_validate`` (every check before any work) -> ``_prepare`` (Z, x_0, r_0 as columns of
 the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advance``, ``_report``, retirement)
 -> ``_finish`` (the stored final samples, I2V first frame prepended).
@@ -192,6 +218,9 @@ class _BitPlan:
     branch_c: TextBranch
     branch_u: Optional[TextBranch]
     first_frame_bits: Optional[torch.Tensor]
+    init_bits: Optional[torch.Tensor]   # uint8 [1 or B, D, t_gen, h, w] (I2V: without the given frame)
+    fixed: Optional[torch.Tensor]       # bool [1 or B, 1, t_gen, h, w]
+    start_step: int
     seeds: List[int]
     device: torch.device
     use_triton: bool
@@ -230,6 +259,9 @@ def sample_bits(
     callback: Optional[Callable[[StepInfo], Any]] = None,
     preview_fn: Optional[Callable[[torch.Tensor], Any]] = None,
     device: Optional[torch.device] = None,
+    init_bits: Optional[torch.Tensor] = None,
+    fixed: Optional[torch.Tensor] = None,
+    start_step: int = 0,
 ) -> SamplingResult:
     """Sample bit maps with a GRN_bit refiner (T2I: t = 1; T2V; I2V with ``first_frame_bits``).
 
@@ -250,11 +282,14 @@ def sample_bits(
             ``SamplingInterrupted`` to stop (the result then has ``interrupted=True``).
         preview_fn: called with the current full sample bits ``[n, rounds*d, t_gen, h, w]`` every
             ``settings.preview_every`` steps; its return value is put in ``StepInfo.preview``.
+        init_bits / fixed / start_step: refine or inpaint a source (module docstring, "Editing").
     Returns:
         ``SamplingResult`` with ``bits`` uint8 ``[B, rounds*d, t, h, w]`` (I2V: given frame first).
     """
     plan = _validate(refiner, text_cond, text_uncond, grid, batch_size, seed, settings, aspect_ratio,
-                     first_frame_bits, device)
+                     first_frame_bits, device, init_bits, fixed, start_step)
+    if plan.start_step >= plan.settings.steps:
+        return _unchanged(plan)
     run = _prepare(plan)
     while run.batch:
         _step(plan, run, callback, preview_fn)
@@ -264,7 +299,8 @@ def sample_bits(
 def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], grid: Tuple[int, int, int],
               batch_size: int, seed: Optional[int], settings: Optional[SamplerSettings],
               aspect_ratio: Optional[float], first_frame_bits: Optional[torch.Tensor],
-              device: Optional[torch.device]) -> _BitPlan:
+              device: Optional[torch.device], init_bits: Optional[torch.Tensor] = None,
+              fixed: Optional[torch.Tensor] = None, start_step: int = 0) -> _BitPlan:
     """Check every argument before any work (a bad input never costs a model call) and fix the run's sizes."""
     settings = (settings or SamplerSettings()).validate()
     config = refiner.config
@@ -292,15 +328,74 @@ def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], 
         raise ValueError(f"guidance={settings.guidance} needs text_uncond (negative-prompt features; the official "
                          "loop encodes the empty prompt ''); pass it or set guidance=1.0")
     check_seed_range(seed)
+    init_bits, fixed, start_step = _check_edit(init_bits, fixed, start_step, batch_size, n_bits, grid, settings,
+                                               first_frame_bits is not None)
     seeds = sample_seeds(seed, batch_size)
     device = torch.device(device) if device is not None else model_device(refiner)
     return _BitPlan(
         refiner=refiner, settings=settings, cap=cap, n_bits=n_bits,
         t_gen=t_all - (1 if first_frame_bits is not None else 0), h=h, w=w,
         aspect_ratio=aspect_ratio if aspect_ratio is not None else h / w, branch_c=branch_c, branch_u=branch_u,
-        first_frame_bits=first_frame_bits, seeds=seeds, device=device,
+        first_frame_bits=first_frame_bits, init_bits=init_bits, fixed=fixed, start_step=start_step,
+        seeds=seeds, device=device,
         use_triton=resolve_kernel(settings.kernel, device),
     )
+
+
+def _check_edit(init_bits: Optional[torch.Tensor], fixed: Optional[torch.Tensor], start_step: Any, batch_size: int,
+                n_bits: int, grid: Tuple[int, int, int], settings: SamplerSettings, i2v: bool
+                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+    """Check the editing inputs against the grid; returns them cut to the generated frames (I2V: without frame 0)."""
+    t, h, w = grid
+    steps = settings.steps
+    if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or not 0 <= start_step <= steps:
+        raise ValueError(f"start_step {start_step!r} must be an integer from 0 to steps={steps} "
+                         "(strength s gives round((1 - s) * steps))")
+    start_step = int(start_step)
+    if init_bits is None:
+        if fixed is not None or start_step:
+            raise ValueError("fixed cells and start_step > 0 need init_bits (the source's bits on the output grid: "
+                             "grn_core.pipeline.encode_clip, or grn_core.editing.extend_source)")
+        return None, None, 0
+    shape = tuple(init_bits.shape) if isinstance(init_bits, torch.Tensor) else type(init_bits).__name__
+    if not isinstance(init_bits, torch.Tensor) or init_bits.dim() != 5 or init_bits.shape[0] not in (1, batch_size) \
+            or tuple(init_bits.shape[1:]) != (n_bits, t, h, w):
+        raise ValueError(f"init_bits has shape {shape}; expected [1 or {batch_size}, {n_bits}, {t}, {h}, {w}] (the "
+                         "source's HBQ bits on the output's latent grid; encode the source at the output's size)")
+    if init_bits.is_floating_point() or init_bits.is_complex() or init_bits.dtype == torch.bool:
+        raise ValueError(f"init_bits has dtype {init_bits.dtype}; expected 0/1 integer bits (uint8)")
+    if init_bits.numel() and (int(init_bits.min()) < 0 or int(init_bits.max()) > 1):
+        raise ValueError("init_bits holds values outside {0, 1}; pass HBQ bit labels, not index labels")
+    if fixed is not None:
+        fshape = tuple(fixed.shape) if isinstance(fixed, torch.Tensor) else type(fixed).__name__
+        if not isinstance(fixed, torch.Tensor) or fixed.dtype != torch.bool or fixed.dim() != 5 or \
+                fixed.shape[0] not in (1, batch_size) or tuple(fixed.shape[1:]) != (1, t, h, w):
+            raise ValueError(f"fixed has shape {fshape} ({getattr(fixed, 'dtype', None)}); expected bool "
+                             f"[1 or {batch_size}, 1, {t}, {h}, {w}] (True: a latent cell kept from init_bits; "
+                             "grn_core.editing.mask_to_cells makes one from a mask)")
+    if settings.adaptive is not None and 0 < start_step < steps:
+        raise ValueError(f"adaptive steps cannot start part-way (start_step={start_step}, strength < 1): the step "
+                         "count is decided at the warm-up step of a run that starts at 0. Turn adaptive steps off "
+                         "(fixed steps) or use strength 1.")
+    first = 1 if i2v else 0
+    init_bits = init_bits[:, :, first:].to(torch.uint8)
+    fixed = fixed[:, :, first:] if fixed is not None else None
+    return init_bits, fixed, start_step
+
+
+def _flat(plan: _BitPlan, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[1 or R, C, t_gen, h, w]`` -> ``[R, tokens, C]`` on the plan's device (the loop's row layout)."""
+    flat = tensor.to(plan.device).permute(0, 2, 3, 4, 1).reshape(tensor.shape[0], plan.tokens, tensor.shape[1])
+    return flat.expand(rows, -1, -1).contiguous()
+
+
+def _unchanged(plan: _BitPlan) -> SamplingResult:
+    """start_step == steps (strength 0): no network pass, nothing drawn; every sample is ``init_bits``."""
+    batch = RunningBatch(RunLedger(plan.seeds))
+    n = len(plan.seeds)
+    run = _BitRun(batch, plan.use_triton, step=plan.start_step)
+    batch.retire([True] * n, _flat(plan, plan.init_bits, n).to(torch.uint8))
+    return _finish(plan, run)
 
 
 def _prepare(plan: _BitPlan) -> _BitRun:
@@ -319,13 +414,38 @@ def _prepare(plan: _BitPlan) -> _BitRun:
     batch["kept"] = torch.zeros_like(z, dtype=torch.bool)    # nothing kept before step 0
     batch["fraction"] = [0.0] * rows                         # r_0 = 0
     batch["remaining"] = [None] * rows                       # D per row, once decided
+    if plan.init_bits is not None:
+        _start_from_source(plan, batch, z)
     if plan.first_frame_bits is not None:
         first = plan.first_frame_bits.to(device=plan.device, dtype=torch.uint8)
         batch["first"] = first.expand(rows, -1, -1, -1, -1)
     for branch in (plan.branch_c, plan.branch_u):
         if branch is not None:
             batch.on_keep_rows(branch.keep_rows)             # a per-sample text follows its rows
-    return _BitRun(batch, plan.use_triton)
+    return _BitRun(batch, plan.use_triton, step=plan.start_step)
+
+
+def _start_from_source(plan: _BitPlan, batch: RunningBatch, z: torch.Tensor) -> None:
+    """x_k = where(keep_k, init, Z) with keep_k ~ Bernoulli(r_k) (uniforms drawn right after Z, only when k > 0),
+    fixed bits := init; columns ``init`` and ``fixed`` for the per-step clamp; r_k = realised kept fraction."""
+    rows = len(batch)
+    init = _flat(plan, plan.init_bits, rows)
+    k = plan.start_step
+    kept = torch.zeros_like(z, dtype=torch.bool)
+    if k > 0:
+        s = plan.settings
+        r_k = bit_keep_fraction(k - 1, s.steps, plan.cap, s.shift)
+        u = torch.stack([torch.rand((plan.tokens, plan.n_bits), generator=g, dtype=torch.float32)
+                         for g in batch.generators]).to(plan.device)
+        kept = u < r_k
+    if plan.fixed is not None:
+        fixed = _flat(plan, plan.fixed, rows).expand(-1, -1, plan.n_bits).contiguous()
+        kept = kept | fixed
+        batch["fixed"] = fixed
+        batch["init"] = init
+    batch["x"] = torch.where(kept, init, z)
+    batch["kept"] = kept
+    batch["fraction"] = kept.flatten(1).double().mean(1).tolist()
 
 
 def _step(plan: _BitPlan, run: _BitRun, callback: Optional[Callable[[StepInfo], Any]],
@@ -396,6 +516,10 @@ def _fused_step(plan: _BitPlan, run: _BitRun, cond: torch.Tensor, uncond: Option
     weight = [settings.guidance if g else 1.0 for g in guided]
     tau = row_temperatures(batch, settings)
     uniforms = draw_uniforms(batch.generators, (plan.tokens, plan.n_bits), device)
+    if "fixed" in batch:  # clamp fixed bits to the source through the uniforms (module docstring, "Editing")
+        fixed, init = batch["fixed"], batch["init"]
+        forced = torch.where(init.bool(), -1.0, 2.0)
+        uniforms = torch.stack([torch.where(fixed, forced, uniforms[0]), uniforms[1].masked_fill(fixed, -1.0)])
     args = (cond, uncond, torch.tensor(weight, device=device), torch.tensor(tau, device=device),
             uniforms[0], uniforms[1], batch["z"], torch.tensor(keep_prob, dtype=torch.float32, device=device),
             batch["kept"], batch["x"])
