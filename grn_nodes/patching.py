@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -102,10 +103,16 @@ def patcher_class() -> type:
             return out
 
         def __del__(self):
-            try:  # still loaded while its Load GRN output is dropped: the weights go with it, ComfyUI forgets it
-                if self.loaded_size() > 0:
-                    log.info("GRN: %s released (no node uses it any more)", self.grn_label)
-            except Exception:  # noqa: BLE001 - may run at interpreter exit, or on a half-made patcher
+            # Still loaded while its Load GRN output is dropped: the weights go with it, ComfyUI forgets it. Not at
+            # interpreter exit or once logging is shut down (its streams may be closed by then).
+            try:
+                if not sys.is_finalizing() and logging.getLogger().handlers is not None and self.loaded_size() > 0:
+                    logging.raiseExceptions, saved = False, logging.raiseExceptions  # never print "Logging error"
+                    try:
+                        log.info("GRN: %s released (no node uses it any more)", self.grn_label)
+                    finally:
+                        logging.raiseExceptions = saved
+            except Exception:  # noqa: BLE001 - a half-made patcher
                 pass
             super().__del__()
 
