@@ -31,8 +31,8 @@ from .frames import decode_to_images, encode_images
 from .loading import LAYOUTS, OFFLOAD_POLICIES, WEIGHT_DTYPES, LoadedGRN, load_grn, tokenizer_for
 from .prompting import TASK_CHOICES, ClipPromptEncoder, GRNConditioning, encode_prompt_for, umt5_file_encoder
 from .sampling import (ADAPTIVE_RULES, ASPECTS, RESOLUTIONS, StepRecorder, build_settings, choose_task,
-                       describe_settings, first_frame_from_image, plan_size, preview_image, refiner_memory_bytes,
-                       run_sampler)
+                       describe_edit, describe_settings, extend_bits, first_frame_from_image, plan_edit, plan_size,
+                       preview_image, refiner_memory_bytes, run_sampler)
 from .stats import render_stats
 from .widget_events import EVENT_NAME
 
@@ -40,6 +40,7 @@ CATEGORY = "GRN"
 GRN_MODEL = io.Custom("GRN_MODEL")
 GRN_CONDITIONING = io.Custom("GRN_CONDITIONING")
 GRN_TOKENS = io.Custom("GRN_TOKENS")
+MASK = io.Mask  # ComfyUI's MASK
 T2V = preset("t2v")  # a new Refine Sampler starts with the official text-to-video demo's settings
 RULE = RULES["t2v"]  # the numbers the custom adaptive rule starts from
 
@@ -234,6 +235,25 @@ class GRNRefineSampler(io.ComfyNode):
                 io.Combo.Input("adaptive_rule", options=list(ADAPTIVE_RULES), default="model", optional=True,
                                tooltip="'model': the model's own rule (a calibrated one from its file, else the "
                                        "documented default); 'custom': min_steps, warmup, adaptive_k, adaptive_b."),
+                # editing (grn_core.editing): appended last so saved workflows keep their widget order
+                GRN_TOKENS.Input("source_tokens", optional=True,
+                                 tooltip="Edit an image or clip: its tokens from Encode Image (a clip's frames "
+                                         "encode as one clip). They must be on this output's grid: the same width, "
+                                         "height and frames."),
+                MASK.Input("mask", optional=True,
+                           tooltip="With source_tokens: white (1) = regenerate, black (0) = keep, as ComfyUI's "
+                                   "inpainting masks (LoadImage's mask is 1 where the picture is transparent, so "
+                                   "erased areas are regenerated). A latent cell is kept only when every pixel of "
+                                   "its block is black; kept cells are clamped to the source and show as 'fixed' "
+                                   "in the widget. [B, H, W]: one mask for every frame (B = 1) or one per frame; "
+                                   "another size is resized with a warning."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With source_tokens: 1 regenerates the unmasked cells fully, 0 returns the "
+                                       "source unchanged; in between the run starts at step round((1 - strength) "
+                                       "* steps) from the source's bits."),
+                io.Image.Input("extend_from", optional=True,
+                               tooltip="Continue a clip: the previous clip's frames (Decode Video); its last frame "
+                                       "becomes this clip's first, kept (fixed), and the rest is generated."),
             ],
             outputs=[GRN_TOKENS.Output(display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -244,7 +264,9 @@ class GRNRefineSampler(io.ComfyNode):
                 duration: float, seed: int, steps: int, adaptive_steps: bool, min_steps: int, warmup: int,
                 adaptive_k: float, adaptive_b: float, guidance: float, guidance_interval: float, temperature: float,
                 shift: float, class_index: int, conditioning: Optional[GRNConditioning] = None,
-                first_frame: Any = None, first_frame_tokens: Any = None, adaptive_rule: str = "model") -> io.NodeOutput:
+                first_frame: Any = None, first_frame_tokens: Any = None, adaptive_rule: str = "model",
+                source_tokens: Any = None, mask: Any = None, strength: float = 1.0,
+                extend_from: Any = None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -252,6 +274,7 @@ class GRNRefineSampler(io.ComfyNode):
         plan = plan_size(model, width, height, frames, resolution, aspect, duration, task)
         settings = build_settings(model, task, steps, guidance, temperature, shift, guidance_interval,
                                   adaptive_steps, min_steps, warmup, adaptive_k, adaptive_b, adaptive_rule)
+        edit = plan_edit(model, plan, task, source_tokens, mask, strength, extend_from)
         node_id = str(cls.hidden.unique_id) if cls.hidden is not None else ""
         bar = comfy.utils.ProgressBar(steps, node_id=node_id or None)
 
@@ -268,12 +291,20 @@ class GRNRefineSampler(io.ComfyNode):
         # unloading other models until they and one step's activations fit.
         activations = patching.refiner_activation_bytes(
             model, refiner_memory_bytes(model, plan, task, settings, conditioning))
-        which = ("refiner", "tokenizer") if frame is not None else ("refiner",)
+        encodes = frame is not None or extend_from is not None
+        which = ("refiner", "tokenizer") if encodes else ("refiner",)
         with patching.stage(model, which, activations, mm), _cancel_between_blocks(model.model.refiner, mm):
+            if extend_from is not None:  # the last frame is encoded where ComfyUI loaded the tokenizer
+                edit.init_bits, edit.fixed = extend_bits(model, plan, extend_from)
+            if edit is not None:
+                recorder.fixed = edit.fixed
             result = run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
-                                 first_frame_bits=frame_bits, class_index=class_index, recorder=recorder)
+                                 first_frame_bits=frame_bits, class_index=class_index, recorder=recorder, edit=edit)
         result.bits = result.bits.to(mm.intermediate_device())
         note = f"{plan.note}; {describe_settings(settings)}"
+        if edit is not None:
+            note += f"; {describe_edit(edit, settings)}"
+            result.extras["edit_note"] = describe_edit(edit, settings)
         result.extras["size_note"] = plan.note
         result.extras["settings_note"] = note
         return io.NodeOutput(result, ui={"text": [note]})

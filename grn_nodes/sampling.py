@@ -7,6 +7,7 @@ unless ``adaptive_rule`` is ``custom``, and a first frame is prepared as the off
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from grn_core.sampler import C2ISettings, SamplerSettings, StepInfo
 from .errors import SAMPLER, GRNNodeError, errors_from
 from .loading import LoadedGRN
 from .prompting import GRNConditioning
-from .widget_events import build_step_event
+from .widget_events import FIXED_EVERY_EVENT_CELLS, build_step_event
 
 RESOLUTIONS = ("custom",) + tuple(BUCKET_SIDES)
 ASPECTS = {"from width/height": None, "1:1": 1.0, "16:9": 9 / 16, "9:16": 16 / 9, "4:3": 3 / 4, "3:4": 4 / 3,
@@ -123,6 +124,124 @@ def first_frame_from_image(image: torch.Tensor, width: int, height: int) -> torc
         return prepare_first_frame(image[0], width, height)
 
 
+# ==== editing: the token map as a canvas ==============================================================================
+
+@dataclass
+class EditPlan:
+    """What Refine Sampler hands the library for an edit (:mod:`grn_core.editing`): the source's bits on the plan's
+    grid, the kept latent cells ``[t, h, w]`` (or None), the strength, and a note for the node's text."""
+
+    init_bits: Optional[torch.Tensor] = None
+    fixed: Optional[torch.Tensor] = None
+    strength: float = 1.0
+    note: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+def mask_frames(mask: Any) -> torch.Tensor:
+    """ComfyUI MASK ``[B, H, W]`` or ``[H, W]`` (floats 0..1) → ``[T, H, W]`` for :func:`grn_core.editing.mask_to_cells`
+    (a batch of one is a single-frame mask for every frame)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3) or min(mask.shape) < 1:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise GRNNodeError(f"{SAMPLER}: mask must be a MASK [B, H, W] or [H, W] (white 1 = regenerate, black 0 = "
+                           f"keep), got shape {shape}.")
+    return mask.detach().float().cpu()
+
+
+def plan_edit(loaded: LoadedGRN, plan: SizePlan, task: str, source_tokens: Any = None, mask: Any = None,
+              strength: Any = 1.0, extend_from: Any = None, grow: int = 0) -> Optional[EditPlan]:
+    """The editing inputs → an :class:`EditPlan`, or None for a plain run. Only translation: the library decides
+    which cells are kept (``mask_to_cells``), the start step (``strength_to_start``) and what extending keeps
+    (``extend_source``, which encodes: run it where the tokenizer is loaded, see :func:`extend_bits`)."""
+    from grn_core.editing import check_strength
+    from grn_core.pipeline import latent_grid_for
+
+    with errors_from(SAMPLER):
+        strength = check_strength(strength)
+    edited = source_tokens is not None or mask is not None or extend_from is not None or strength != 1.0
+    if not edited:
+        return None
+    if task == "c2i":
+        raise GRNNodeError(f"{SAMPLER}: {loaded.refiner_name} is class-to-image; editing (source_tokens, mask, "
+                           "extend_from, strength below 1) needs a text-to-image or text-to-video model.")
+    model = loaded.model
+    with errors_from(SAMPLER):
+        grid = latent_grid_for(model, plan.width, plan.height, plan.frames)
+    if extend_from is not None:
+        if source_tokens is not None or mask is not None:
+            raise GRNNodeError(f"{SAMPLER}: extend_from continues a clip from its last frame; disconnect "
+                               "source_tokens and mask (or extend_from to edit a source).")
+        if strength != 1.0:
+            raise GRNNodeError(f"{SAMPLER}: extend_from generates the new frames; set strength to 1 (strength "
+                               "below 1 refines source_tokens).")
+        if grid[0] < 2:
+            raise GRNNodeError(f"{SAMPLER}: extending a clip makes a video; set frames to at least 5 (the kept "
+                               "frame plus new ones).")
+        return EditPlan(strength=1.0, note="extending: latent frame 1 is the given clip's last frame (kept)")
+    if source_tokens is None:
+        raise GRNNodeError(f"{SAMPLER}: " + ("a mask" if mask is not None else f"strength {strength:g}") +
+                           " needs source_tokens: connect Encode Image's tokens of the image or clip to edit "
+                           "(or set strength to 1 and disconnect the mask).")
+    bits = getattr(source_tokens, "bits", source_tokens)
+    expected = (model.rounds * model.latent_channels, *grid)
+    if not isinstance(bits, torch.Tensor) or bits.dim() != 5 or bits.shape[0] != 1 or tuple(bits.shape[1:]) != expected:
+        shape = tuple(bits.shape) if isinstance(bits, torch.Tensor) else type(bits).__name__
+        src = ""
+        if all(hasattr(source_tokens, k) for k in ("width", "height", "frames")):
+            src = f" ({source_tokens.width}x{source_tokens.height}, {source_tokens.frames} frames)"
+        raise GRNNodeError(
+            f"{SAMPLER}: source_tokens{src} have shape {shape} but this {plan.width}x{plan.height}, {plan.frames}-"
+            f"frame output needs [1, {', '.join(map(str, expected))}]; set width/height/frames to the source's, or "
+            f"encode it with Encode Image at width {plan.width}, height {plan.height} from {plan.frames} frames.")
+    result = EditPlan(init_bits=bits.to(torch.uint8), strength=strength)
+    if mask is not None:
+        from grn_core.editing import mask_to_cells
+
+        def warn(text: str) -> None:
+            logging.getLogger(__name__).warning("%s: %s", SAMPLER, text)
+            result.warnings.append(text)
+
+        with errors_from(SAMPLER):
+            result.fixed = mask_to_cells(mask_frames(mask), model.spatial_factor, model.temporal_factor,
+                                         grow=whole(SAMPLER, "grow", grow),
+                                         size=(plan.frames, plan.height, plan.width), strength=strength, warn=warn)
+    return result
+
+
+def extend_bits(loaded: LoadedGRN, plan: SizePlan, extend_from: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extend_from`` IMAGE ``[N, H, W, 3]`` (the previous clip) → ``(init_bits, fixed)`` from its last frame,
+    prepared as a first frame (:func:`grn_core.request.prepare_first_frame`) and encoded by
+    :func:`grn_core.editing.extend_source` (needs the tokenizer)."""
+    from grn_core.editing import extend_source
+    from grn_core.pipeline import latent_grid_for
+
+    if not isinstance(extend_from, torch.Tensor) or extend_from.dim() != 4 or extend_from.shape[-1] not in (3, 4) \
+            or extend_from.shape[0] < 1:
+        shape = tuple(extend_from.shape) if isinstance(extend_from, torch.Tensor) else type(extend_from).__name__
+        raise GRNNodeError(f"{SAMPLER}: extend_from must be an IMAGE [N, H, W, 3] (the previous clip's frames, e.g. "
+                           f"from Decode Video), got shape {shape}.")
+    with errors_from(SAMPLER):
+        last = prepare_first_frame(extend_from[-1], plan.width, plan.height)
+        init, fixed = extend_source(loaded.model, last, latent_grid_for(loaded.model, plan.width, plan.height,
+                                                                        plan.frames))
+    return init, fixed[0, 0]
+
+
+def describe_edit(edit: EditPlan, settings: SamplerSettings | C2ISettings) -> str:
+    """One line for the node's text: what was kept and where the run started."""
+    from grn_core.editing import strength_to_start
+
+    parts = [edit.note] if edit.note else []
+    if edit.fixed is not None:
+        kept, total = int(edit.fixed.sum()), edit.fixed.numel()
+        parts.append(f"kept {kept} of {total} latent cells (fixed)")
+    if edit.init_bits is not None or edit.fixed is not None:
+        start = strength_to_start(edit.strength, settings.steps)
+        parts.append(f"strength {edit.strength:g}: starts at step {start} of {settings.steps}")
+    parts += [f"warning: {w}" for w in edit.warnings]
+    return "; ".join(parts)
+
+
 # ==== the run ==========================================================================================================
 
 @dataclass
@@ -141,6 +260,7 @@ class StepRecorder:
     records: list[dict] = field(default_factory=list)
     decided: Optional[int] = None
     planned: Optional[int] = None
+    fixed: Optional[torch.Tensor] = None  # kept latent cells [t, h, w] of an edit: the widget paints them "fixed"
 
     def __call__(self, info: StepInfo) -> None:
         total = int(info.total_steps_per_sample[0])
@@ -160,9 +280,16 @@ class StepRecorder:
             self.send(build_step_event(
                 node=self.node, prompt_id=self.prompt_id, step=info.step, total=total, planned=self.planned,
                 entropy=info.entropy[0], kept=info.kept_fraction[0], guided=info.guided[0], counts=counts,
-                token_states=states, preview_rgb=rgb, size=self.size, decided=self.decided))
+                token_states=states, preview_rgb=rgb, size=self.size, decided=self.decided,
+                fixed_cells=self.fixed if self._send_fixed() else None))
         if self.progress is not None:
             self.progress(info.step + 1, total, rgb)
+
+
+    def _send_fixed(self) -> bool:
+        """The kept-cell map goes with the run's first event, and with every event while it is small (the widget
+        keeps the last one it got for the run)."""
+        return self.fixed is not None and (len(self.records) == 1 or self.fixed.numel() <= FIXED_EVERY_EVENT_CELLS)
 
 
 def preview_of(info: StepInfo) -> Optional[torch.Tensor]:
@@ -191,9 +318,10 @@ def preview_image(rgb: torch.Tensor, min_side: int = 256) -> "Any":
 def run_sampler(loaded: LoadedGRN, conditioning: Optional[GRNConditioning], plan: SizePlan, seed: int,
                 settings: SamplerSettings | C2ISettings, task: str, first_frame: Optional[torch.Tensor] = None,
                 first_frame_bits: Optional[torch.Tensor] = None, class_index: int = 0,
-                recorder: Optional[StepRecorder] = None) -> TokenResult:
+                recorder: Optional[StepRecorder] = None, edit: Optional[EditPlan] = None) -> TokenResult:
     """Sample tokens. I2V: ``first_frame`` ``[3, H, W]`` in [-1, 1] at the plan's size, or its tokens
-    ``first_frame_bits`` from Encode Image (used as they are: no decode / encode round trip)."""
+    ``first_frame_bits`` from Encode Image (used as they are: no decode / encode round trip). ``edit``: the source's
+    bits, kept cells and strength (:func:`plan_edit`)."""
     model = loaded.model
     with errors_from(SAMPLER):
         if task == "c2i":
@@ -201,8 +329,9 @@ def run_sampler(loaded: LoadedGRN, conditioning: Optional[GRNConditioning], plan
                                            callback=recorder)
         else:
             feats = conditioning.for_task(task)
+            editing = {} if edit is None else dict(init_bits=edit.init_bits, fixed=edit.fixed, strength=edit.strength)
             request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=int(seed),
-                                        settings=settings)
+                                        settings=settings, **editing)
             result = generate_tokens(model, feats, request, first_frame=first_frame, callback=recorder,
                                      first_frame_bits=first_frame_bits)
     result.extras["steps"] = list(recorder.records) if recorder is not None else []

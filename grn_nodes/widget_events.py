@@ -8,6 +8,8 @@ One JSON message per sampler step, at most ``MAX_EVENT_BYTES`` once serialised::
      "colours": [[220, 120, 117], [88, 160, 227], [240, 180, 40], [128, 138, 151]],
      "size": [848, 480, 33],
      "map": {"t": 9, "h": 30, "w": 53, "bits": 2, "data": "<base64>"},
+     "fixed_colour": [150, 110, 210],
+     "fixed": {"t": 9, "h": 30, "w": 53, "bits": 1, "data": "<base64>"} | null,
      "preview": {"t": 9, "cols": 3, "tile": [53, 30], "mime": "image/jpeg", "data": "<base64>"} | null}
 
 ``map.data`` packs the token-state codes (0 fill, 1 keep, 2 erase, 3 blank; ``grn_core.sampler.states``) four to a
@@ -15,6 +17,12 @@ byte, first code in the lowest two bits, frames then rows then columns. ``previe
 latent frame as a tile, ``cols`` tiles per row: PNG while the sheet is small (a few latent cells per frame, where
 JPEG's 8×8 blocks and halved colour resolution would blend neighbouring cells and frames), JPEG above that. When the
 message would be too big the preview shrinks, then goes.
+
+``fixed`` (edits: inpainting with a mask, extending a clip) marks the latent cells clamped to the source, one bit per
+cell (1 = fixed), eight to a byte, first cell in the lowest bit, on the same (thinned) grid as ``map``; the widget
+paints them in ``fixed_colour`` over their state (the sampler reports them as "keep"). It comes with the run's first
+event, and with every event while the map is small (``FIXED_EVERY_EVENT_CELLS``); an event without it keeps the
+last one of the same prompt. It is left out (and the cells show as "keep") only if it would break the size cap.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from grn_core.sampler.states import STATE_COLOURS, STATE_NAMES
+from grn_core.sampler.states import FIXED_COLOUR, STATE_COLOURS, STATE_NAMES
 
 EVENT_NAME = "grn.refine"
 EVENT_VERSION = 1
@@ -35,6 +43,25 @@ MAX_EVENT_BYTES = 64 * 1024
 LOSSLESS_SHEET_PIXELS = 64 * 64  # sheets up to this size go as PNG (a few KB at most)
 MAX_MAP_SIDE = 64
 MAX_MAP_FRAMES = 32
+FIXED_EVERY_EVENT_CELLS = 8 * 4096  # kept-cell maps up to this many cells (4 KB packed) go with every event
+
+
+def pack_bit_map(cells: torch.Tensor) -> str:
+    """bool ``[t, h, w]`` -> base64 of one bit per cell, eight per byte (lowest bit first)."""
+    flat = cells.reshape(-1).to(torch.bool).to(torch.uint8).cpu()
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)])
+    octets = flat.view(-1, 8).to(torch.int32)
+    packed = sum(octets[:, i] << i for i in range(8))
+    return base64.b64encode(packed.to(torch.uint8).numpy().tobytes()).decode("ascii")
+
+
+def unpack_bit_map(data: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bit_map` (the widget does the same in JavaScript)."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(data)), dtype=torch.uint8).to(torch.int32)
+    bits = torch.stack([(raw >> s) & 1 for s in range(8)], dim=1).reshape(-1)
+    return bits[:math.prod(shape)].bool().reshape(shape)
 
 
 def pack_state_map(states: torch.Tensor) -> str:
@@ -119,11 +146,12 @@ def build_step_event(
     size: Optional[tuple[int, int, int]] = None,
     decided: Optional[int] = None,
     max_bytes: int = MAX_EVENT_BYTES,
+    fixed_cells: Optional[torch.Tensor] = None,
 ) -> dict:
     """One widget event for one sample's step. ``token_states`` uint8 ``[t, h, w]``; ``preview_rgb`` ``[t, 3, h, w]``.
 
     ``counts`` is a ``StateCounts`` (or a 4-sequence fill/keep/erase/blank). The result is guaranteed to
-    serialise to at most ``max_bytes``.
+    serialise to at most ``max_bytes``. ``fixed_cells`` bool ``[t, h, w]``: an edit's kept latent cells.
     """
     if hasattr(counts, "fill"):
         counts = (counts.fill, counts.keep, counts.erase, counts.blank)
@@ -134,6 +162,7 @@ def build_step_event(
         "counts": {name: int(v) for name, v in zip(STATE_NAMES, counts)},
         "colours": [list(c) for c in STATE_COLOURS],  # the widget paints the states in these (code order)
         "size": list(size) if size is not None else None, "map": None, "preview": None,
+        "fixed_colour": list(FIXED_COLOUR), "fixed": None,
     }
     if token_states is not None:
         states = token_states
@@ -142,6 +171,15 @@ def build_step_event(
         states = thin_map(states)
         t, h, w = states.shape
         payload["map"] = {"t": t, "h": h, "w": w, "bits": 2, "data": pack_state_map(states)}
+    if fixed_cells is not None:
+        cells = fixed_cells.reshape(fixed_cells.shape[-3:]) if fixed_cells.dim() > 3 else fixed_cells
+        if cells.dim() == 2:
+            cells = cells.unsqueeze(0)
+        cells = thin_map(cells.bool())
+        t, h, w = cells.shape
+        payload["fixed"] = {"t": t, "h": h, "w": w, "bits": 1, "data": pack_bit_map(cells)}
+        if event_size(payload) > max_bytes:
+            payload["fixed"] = None
     budget = max_bytes - event_size(payload)
     if preview_rgb is not None and budget > 2048:
         side, quality = 64, 75

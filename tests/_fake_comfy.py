@@ -100,7 +100,7 @@ def fake_comfy_api() -> types.ModuleType:
         Custom=kind,
         **{name: kind(t) for name, t in [("Combo", "COMBO"), ("Boolean", "BOOLEAN"), ("Int", "INT"),
                                          ("Float", "FLOAT"), ("String", "STRING"), ("Clip", "CLIP"),
-                                         ("Image", "IMAGE")]},
+                                         ("Image", "IMAGE"), ("Mask", "MASK")]},
     )
     latest = types.ModuleType("comfy_api.latest")
     latest.io = io

@@ -17,6 +17,8 @@ CORE_WIDGETS: dict[str, list[str]] = {
     "PreviewImage": [],
     "CLIPLoader": ["clip_name", "type", "device"],
     "LoadImage": ["image", "upload"],
+    "SolidMask": ["value", "width", "height"],
+    "MaskComposite": ["x", "y", "operation"],
 }
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 EXTRA_WIDGETS = {"control_after_generate", "upload"}  # frontend widgets that are not node inputs

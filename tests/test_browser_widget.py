@@ -285,3 +285,39 @@ def test_the_rgb_preview_arrives_and_is_painted(page, run):
         }}
         return out;""")
     assert cells and all(max(abs(a - b) for a, b in zip(want, got)) <= 2 for want, got in cells), cells
+
+
+EDIT_VIEW = (f"app.graph._nodes.find((n) => n.comfyClass === '{SAMPLER}' && "
+             "n.inputs.some((i) => i.name === 'source_tokens' && i.link != null)).__grnRefineView")
+
+
+def test_inpaint_run_paints_the_fixed_cells_in_their_own_colour(page, run):
+    """``workflows/grn_tiny_inpaint.json`` as shipped: the mask keeps the left half (2 of 4 latent columns); on the
+    inpainting sampler's widget those cells are painted in the event's ``fixed_colour``, the others in a state
+    colour, and the legend names "fixed"."""
+    page.execute_script("return app.loadGraphData(arguments[0])", load("grn_tiny_inpaint.json"))
+    page.execute_script("return app.queuePrompt(0, 1)")
+    end = _wait(page, f"const v = {EDIT_VIEW}; return {{label: v.canvas.getAttribute('aria-label'), "
+                      "running: v.running, steps: v.history.length};",
+                lambda s: (_step(s["label"]) or (0, 1))[0] == (_step(s["label"]) or (0, 1))[1] and not s["running"],
+                180, "the inpainting run to end")
+    assert end["steps"] > 0, end
+    cells = page.execute_script(f"""const v = {EDIT_VIEW};
+        const entry = v.history[v.index], ev = entry.event, {{t, h, w}} = ev.map;
+        const c = v.canvas, r = window.devicePixelRatio || 1, ctx = c.getContext('2d');
+        const cw = Math.max(100, c.clientWidth), ch = Math.max(100, c.clientHeight);
+        const half = (cw - 12) / 2, top = 34, areaH = ch - top - 14 - 40 - 16 - 8;
+        const scale = Math.min(half / w, areaH / h);
+        const out = [];
+        for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {{
+          const px = Math.round((4 + (x + 0.5) * scale) * r), py = Math.round((top + (y + 0.5) * scale) * r);
+          out.push([x, Array.from(ctx.getImageData(px, py, 1, 1).data.slice(0, 3))]);
+        }}
+        return {{cells: out, fixed: ev.fixed_colour, colours: ev.colours, hasFixed: Boolean(entry.fixed), w}};""")
+    fixed = cells["fixed"]
+    assert cells["hasFixed"] and fixed and fixed not in cells["colours"], cells
+    close = lambda a, b: max(abs(p - q) for p, q in zip(a, b)) <= 2  # noqa: E731
+    assert all(close(got, fixed) for x, got in cells["cells"] if x < cells["w"] // 2), cells
+    assert not any(close(got, fixed) for x, got in cells["cells"] if x >= cells["w"] // 2), cells
+    errors = [e for e in page.execute_script("return window.__grnErrors") if re.search(r"grn", e, re.I)]
+    assert not errors, "\n\n".join(errors)

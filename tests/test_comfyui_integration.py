@@ -423,3 +423,58 @@ def test_same_request_same_pixels_through_comfyui_and_the_cli(server, object_inf
         f"{int(differ.sum())} of {differ.size} pixels differ (frames {sorted(set(np.nonzero(differ)[0].tolist()))}, "
         f"largest difference {int(np.abs(comfy.astype(int) - line.astype(int)).max())}); ComfyUI {sampler}, "
         f"CLI {argv}, sidecar {sidecar}")
+
+
+def _shipped(object_info: dict, name: str) -> dict:
+    return to_api_prompt(load(name), lambda kind: widget_names_from_object_info(object_info[kind]))
+
+
+def _videos(server, prompt_id: str) -> dict:
+    """Node id -> frames of the video each save node wrote."""
+    history = _history(server, prompt_id)
+    saved = {}
+    for node, out in history["outputs"].items():
+        for f in out.get("images", []) + out.get("videos", []):
+            if str(f.get("filename", "")).endswith((".mp4", ".webm", ".webp")):
+                query = urllib.parse.urlencode({k: f[k] for k in ("filename", "subfolder", "type")})
+                with urllib.request.urlopen(f"{server['base']}/view?{query}", timeout=60) as r:
+                    saved[node] = _frames(r.read())
+    return saved
+
+
+def test_tiny_inpaint_workflow_runs_as_shipped_and_keeps_the_masked_out_cells(server, object_info):
+    prompt = _shipped(object_info, "grn_tiny_inpaint.json")
+    samplers = {k: n for k, n in prompt.items() if n["class_type"] == "GRNRefineSampler"}
+    edit_id = next(k for k, n in samplers.items() if "source_tokens" in n["inputs"])
+    assert "mask" in samplers[edit_id]["inputs"] and samplers[edit_id]["inputs"]["strength"] == 0.8
+    prompt_id, events, outcome = _run(server, prompt)
+    assert outcome == "execution_success", f"{outcome}; log: {server['log'].read_text()[-3000:]}"
+    edit_events = [e for e in events if e["node"] == edit_id]
+    assert edit_events and edit_events[0]["fixed"] and edit_events[0]["fixed_colour"]
+    assert all(len(json.dumps(e)) <= 64 * 1024 for e in events)
+    from grn_nodes.widget_events import unpack_bit_map
+
+    fixed = edit_events[0]["fixed"]
+    cells = unpack_bit_map(fixed["data"], (fixed["t"], fixed["h"], fixed["w"]))
+    assert cells[..., :2].all() and not cells[..., 2:].any()  # the mask's black left half is kept
+    text = _history(server, prompt_id)["outputs"][edit_id]["text"][0]
+    assert "kept 24 of 48 latent cells (fixed)" in text and "strength 0.8: starts at step" in text
+    videos = _videos(server, prompt_id)
+    assert videos and all(v.shape == (9, 32, 32, 3) for v in videos.values()), {k: v.shape for k, v in videos.items()}
+
+
+def test_tiny_extend_workflow_runs_as_shipped_and_makes_both_clips(server, object_info):
+    prompt = _shipped(object_info, "grn_tiny_extend.json")
+    extend_id = next(k for k, n in prompt.items() if "extend_from" in n["inputs"])
+    prompt_id, events, outcome = _run(server, prompt)
+    assert outcome == "execution_success", f"{outcome}; log: {server['log'].read_text()[-3000:]}"
+    # clip 1 may come from ComfyUI's cache (the inpainting workflow's first run is the same request)
+    extend_events = [e for e in events if e["node"] == extend_id]
+    assert extend_events and extend_events[0]["fixed"], [e["node"] for e in events]
+    fixed = extend_events[0]["fixed"]
+    from grn_nodes.widget_events import unpack_bit_map
+
+    cells = unpack_bit_map(fixed["data"], (fixed["t"], fixed["h"], fixed["w"]))
+    assert cells[0].all() and not cells[1:].any()  # the first latent frame (clip 1's last frame) is kept
+    videos = _videos(server, prompt_id)
+    assert len(videos) == 2 and all(v.shape == (9, 32, 32, 3) for v in videos.values())

@@ -738,3 +738,117 @@ def test_cancel_inside_a_step_ends_it_between_refiner_blocks(comfy, nodes, tiny,
         handle.remove()
     assert comfy.events == [] and comfy.progress == []  # stopped inside step 1, before its end
     assert refiner.should_stop is None
+
+
+# ---- editing: source tokens, mask, strength, extend ------------------------------------------------------------------
+
+def _left_half_kept_mask(height: int = 32, width: int = 32) -> torch.Tensor:
+    """ComfyUI MASK [1, H, W]: black (0, keep) on the left half, white (1, regenerate) on the right."""
+    mask = torch.zeros(1, height, width)
+    mask[:, :, width // 2:] = 1.0
+    return mask
+
+
+def test_inpaint_keeps_the_masked_out_cells_bits_exactly(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    from grn_nodes.widget_events import FIXED_COLOUR, unpack_bit_map
+
+    out = comfy.run(nodes.GRNRefineSampler, unique_id="31", model=tiny, conditioning=tiny_cond,
+                    source_tokens=tiny_tokens, mask=_left_half_kept_mask(), strength=1.0,
+                    **sampler_inputs(steps=3, seed=9))
+    tokens = out.args[0]
+    assert tokens.bits.shape == tiny_tokens.bits.shape
+    assert torch.equal(tokens.bits[..., :2], tiny_tokens.bits[..., :2])  # left 2 of 4 latent columns: kept
+    assert not torch.equal(tokens.bits[..., 2:], tiny_tokens.bits[..., 2:])  # the right half is regenerated
+    assert "kept 24 of 48 latent cells (fixed)" in out.ui["text"][0]
+    assert "strength 1: starts at step 0 of 3" in out.ui["text"][0]
+    events = [e for _, e, _ in comfy.events]
+    assert events and all(e["fixed_colour"] == list(FIXED_COLOUR) for e in events)
+    first = events[0]["fixed"]
+    cells = unpack_bit_map(first["data"], (first["t"], first["h"], first["w"]))
+    expected = torch.zeros(3, 4, 4, dtype=torch.bool)
+    expected[..., :2] = True
+    assert torch.equal(cells, expected)
+    assert all(event_size(e) <= MAX_EVENT_BYTES for e in events)
+
+
+def test_strength_zero_returns_the_source_tokens(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    out = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, source_tokens=tiny_tokens,
+                    strength=0.0, **sampler_inputs(steps=3, seed=11))
+    assert torch.equal(out.args[0].bits, tiny_tokens.bits)
+    assert "strength 0: starts at step 3 of 3" in out.ui["text"][0]
+
+
+def test_strength_in_between_starts_later(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    out = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, source_tokens=tiny_tokens,
+                    strength=0.5, **sampler_inputs(steps=4, seed=11))
+    assert out.args[0].bits.shape == tiny_tokens.bits.shape
+    assert "strength 0.5: starts at step 2 of 4" in out.ui["text"][0]
+
+
+def test_extend_keeps_the_encoded_last_frame_as_the_first_latent_frame(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    clip = comfy.run(nodes.GRNDecodeVideo, model=tiny, tokens=tiny_tokens).args[0]  # [9, 32, 32, 3]
+    out = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, extend_from=clip,
+                    **sampler_inputs(steps=3, seed=12))
+    # the tokenizer is loaded with the refiner to encode the last frame
+    assert comfy.loads[-1].models == [tiny.patchers["refiner"], tiny.patchers["tokenizer"]]
+    last = comfy.run(nodes.GRNEncodeImage, model=tiny, image=clip[-1:], width=32, height=32).args[0]
+    assert last.bits.shape == (1, 64, 1, 4, 4)
+    assert torch.equal(out.args[0].bits[:, :, :1], last.bits)
+    assert "kept 16 of 48 latent cells (fixed)" in out.ui["text"][0]
+
+
+def test_mask_of_another_size_is_resized_with_a_warning(comfy, nodes, tiny, tiny_cond, tiny_tokens, caplog):
+    mask = _left_half_kept_mask(16, 16)  # half the output's size: the same regions once resized
+    with caplog.at_level("WARNING"):
+        out = comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, source_tokens=tiny_tokens,
+                        mask=mask, **sampler_inputs(steps=2, seed=9))
+    assert any("resizing it" in r.getMessage() for r in caplog.records)
+    assert "warning: the mask is 16x16" in out.ui["text"][0]
+    assert torch.equal(out.args[0].bits[..., :2], tiny_tokens.bits[..., :2])
+
+
+def test_all_black_mask_with_strength_names_the_fix(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: the mask is all black .*paint the region"):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, source_tokens=tiny_tokens,
+                  mask=torch.zeros(1, 32, 32), strength=0.7, **sampler_inputs(steps=2))
+    assert comfy.loads == []  # refused before anything is loaded
+
+
+def test_source_tokens_of_another_grid_are_refused_with_the_fix(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: source_tokens \(32x32, 9 frames\) have shape "
+                                           r"\(1, 64, 3, 4, 4\) but this 48x32, 9-frame output .*set width/height/"
+                                           r"frames to the source's, or encode it with Encode Image at width 48"):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, source_tokens=tiny_tokens,
+                  **sampler_inputs(width=48, steps=2))
+
+
+def test_mask_or_low_strength_without_source_tokens_says_what_to_connect(comfy, nodes, tiny, tiny_cond):
+    for extra in (dict(mask=_left_half_kept_mask()), dict(strength=0.5)):
+        with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: .* needs source_tokens: connect Encode Image"):
+            comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, **extra, **sampler_inputs(steps=2))
+
+
+def test_extend_refuses_a_source_and_an_image_output(comfy, nodes, tiny, tiny_cond, tiny_tokens):
+    clip = torch.rand(9, 32, 32, 3)
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: extend_from continues a clip"):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, extend_from=clip,
+                  source_tokens=tiny_tokens, **sampler_inputs(steps=2))
+    with pytest.raises(GRNNodeError, match=r"^GRN Refine Sampler: extending a clip makes a video; set frames"):
+        comfy.run(nodes.GRNRefineSampler, model=tiny, conditioning=tiny_cond, extend_from=clip,
+                  **sampler_inputs(frames=1, steps=2))
+
+
+def test_fixed_map_packs_one_bit_per_cell_and_respects_the_cap():
+    from grn_nodes.widget_events import build_step_event, pack_bit_map, unpack_bit_map
+
+    cells = torch.rand(3, 5, 7) > 0.5
+    assert torch.equal(unpack_bit_map(pack_bit_map(cells), (3, 5, 7)), cells)
+    big = torch.rand(32, 64, 64) > 0.5
+    states = torch.randint(0, 4, (32, 64, 64), dtype=torch.uint8)
+    event = build_step_event(node="1", prompt_id=None, step=0, total=4, planned=4, entropy=0.1, kept=0.0,
+                             guided=True, counts=(1, 2, 3, 4), token_states=states, fixed_cells=big)
+    assert event_size(event) <= MAX_EVENT_BYTES and event["map"] is not None
+    small = build_step_event(node="1", prompt_id=None, step=0, total=4, planned=4, entropy=0.1, kept=0.0,
+                             guided=True, counts=(1, 2, 3, 4), token_states=states[:2, :8, :8],
+                             fixed_cells=big[:2, :8, :8])
+    assert torch.equal(unpack_bit_map(small["fixed"]["data"], (2, 8, 8)), big[:2, :8, :8])

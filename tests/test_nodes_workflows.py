@@ -20,7 +20,9 @@ from tests._fake_comfy import fake_comfy_api as _fake_comfy_api
 from tests._workflows import CORE_WIDGETS, FRONTEND_ONLY, WORKFLOWS, load, to_api_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW_FILES = ["grn_tiny_t2v.json", "grn_t2i_2b.json", "grn_t2v_2b.json", "grn_i2v_8b.json", "grn_c2i.json"]
+WORKFLOW_FILES = ["grn_tiny_t2v.json", "grn_t2i_2b.json", "grn_t2v_2b.json", "grn_i2v_8b.json", "grn_c2i.json",
+                  "grn_tiny_inpaint.json", "grn_tiny_extend.json", "grn_t2i_2b_img2img.json",
+                  "grn_t2v_2b_extend.json"]
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -62,7 +64,10 @@ def test_six_nodes_with_grn_ids_and_types(schemas):
     names = {s.display_name for s in schemas.values()}
     assert names == {"Load GRN", "Encode Prompt", "Refine Sampler", "Decode Video", "Encode Image", "Refine Stats"}
     custom = {i.io_type for s in schemas.values() for i in s.inputs if i.io_type not in WIDGET_KINDS}
-    assert custom - {"CLIP", "IMAGE"} == {"GRN_MODEL", "GRN_CONDITIONING", "GRN_TOKENS"}
+    assert custom - {"CLIP", "IMAGE", "MASK"} == {"GRN_MODEL", "GRN_CONDITIONING", "GRN_TOKENS"}
+    sampler = schemas["GRNRefineSampler"].inputs  # editing inputs are appended last: saved widget orders hold
+    assert [i.id for i in sampler[-4:]] == ["source_tokens", "mask", "strength", "extend_from"]
+    assert all(i.optional for i in sampler[-4:])
 
 
 def test_loader_offers_tiny_and_released_files_without_comfyui(schemas):

@@ -46,3 +46,16 @@ def test_the_event_with_a_preview_stays_under_the_cap():
                              guided=True, counts=(1, 2, 3, 4), token_states=torch.zeros(21, 45, 80, dtype=torch.uint8),
                              preview_rgb=rgb)
     assert event["preview"] is not None and event_size(event) <= MAX_EVENT_BYTES
+
+
+def test_an_edit_event_with_its_fixed_map_and_a_preview_stays_under_the_cap():
+    from grn_nodes.widget_events import FIXED_COLOUR, unpack_bit_map
+
+    fixed = torch.rand(21, 45, 80) > 0.5
+    event = build_step_event(node="1", prompt_id=None, step=0, total=50, planned=50, entropy=0.5, kept=0.1,
+                             guided=True, counts=(1, 2, 3, 4), token_states=torch.zeros(21, 45, 80, dtype=torch.uint8),
+                             preview_rgb=torch.rand(21, 3, 45, 80) * 2 - 1, fixed_cells=fixed)
+    assert event_size(event) <= MAX_EVENT_BYTES and event["fixed_colour"] == list(FIXED_COLOUR)
+    shape = (event["fixed"]["t"], event["fixed"]["h"], event["fixed"]["w"])
+    assert shape == (event["map"]["t"], event["map"]["h"], event["map"]["w"]) == (21, 45, 64)
+    assert unpack_bit_map(event["fixed"]["data"], shape).shape == shape

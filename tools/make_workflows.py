@@ -29,7 +29,7 @@ GRN_WIDGETS = {
     "GRNRefineSampler": ["width", "height", "resolution", "aspect", "frames", "duration", "seed",
                          "control_after_generate", "steps", "adaptive_steps", "min_steps", "warmup", "adaptive_k",
                          "adaptive_b", "guidance", "guidance_interval", "temperature", "shift", "class_index",
-                         "adaptive_rule"],
+                         "adaptive_rule", "strength"],
     "GRNDecodeVideo": ["tile"],
     "GRNEncodeImage": ["width", "height"],
     "GRNRefineStats": [],
@@ -44,7 +44,7 @@ def sampler_preset(task: str) -> dict:
                   duration=0.0, seed=42, control_after_generate="fixed", steps=p.steps, adaptive_steps=p.adaptive,
                   min_steps=rule["min_steps"], warmup=rule["warmup"], adaptive_k=rule["k"], adaptive_b=rule["b"],
                   guidance=p.guidance, guidance_interval=p.cfg_interval, temperature=p.temperature, shift=p.shift,
-                  class_index=0, adaptive_rule="model")
+                  class_index=0, adaptive_rule="model", strength=1.0)
     return values
 
 
@@ -59,7 +59,8 @@ SOCKETS = {
     "GRNLoadModel": ([], [("model", "GRN_MODEL")]),
     "GRNEncodePrompt": ([("model", "GRN_MODEL"), ("clip", "CLIP")], [("conditioning", "GRN_CONDITIONING")]),
     "GRNRefineSampler": ([("model", "GRN_MODEL"), ("conditioning", "GRN_CONDITIONING"), ("first_frame", "IMAGE"),
-                          ("first_frame_tokens", "GRN_TOKENS")], [("tokens", "GRN_TOKENS")]),
+                          ("first_frame_tokens", "GRN_TOKENS"), ("source_tokens", "GRN_TOKENS"), ("mask", "MASK"),
+                          ("extend_from", "IMAGE")], [("tokens", "GRN_TOKENS")]),
     "GRNDecodeVideo": ([("model", "GRN_MODEL"), ("tokens", "GRN_TOKENS")], [("images", "IMAGE"), ("fps", "FLOAT")]),
     "GRNEncodeImage": ([("model", "GRN_MODEL"), ("image", "IMAGE")], [("tokens", "GRN_TOKENS")]),
     "GRNRefineStats": ([("tokens", "GRN_TOKENS")], [("chart", "IMAGE")]),
@@ -70,6 +71,8 @@ SOCKETS = {
     "SaveImage": ([("images", "IMAGE")], []),
     "PreviewImage": ([("images", "IMAGE")], []),
     "SaveAnimatedWEBP": ([("images", "IMAGE")], []),
+    "SolidMask": ([], [("MASK", "MASK")]),
+    "MaskComposite": ([("destination", "MASK"), ("source", "MASK")], [("MASK", "MASK")]),
     "Note": ([], []),
 }
 WIDGET_INPUTS = {("CreateVideo", "fps")}  # sockets that are also widgets (their value stays in widgets_values)
@@ -200,6 +203,104 @@ def text_model(refiner: str, note: str, *, video: bool, task: str, prompt: str, 
     return g
 
 
+def save_video(g: Graph, decode: int, pos: tuple[int, int], prefix: str) -> None:
+    video = g.add("CreateVideo", pos, [16.0])
+    g.link(decode, 0, video, "images")
+    g.link(decode, 1, video, "fps")
+    save = g.add("SaveVideo", (pos[0] + 360, pos[1]), [prefix, "auto", "auto"])
+    g.link(video, 0, save, "video")
+
+
+def right_half_mask(g: Graph, width: int, height: int, pos: tuple[int, int]) -> int:
+    """A MASK from core nodes: black (keep) everywhere, white (regenerate) on the right half."""
+    black = g.add("SolidMask", pos, [0.0, width, height], title="keep (black)")
+    white = g.add("SolidMask", (pos[0], pos[1] + 160), [1.0, width - width // 2, height], title="regenerate (white)")
+    mask = g.add("MaskComposite", (pos[0] + 340, pos[1]), [width // 2, 0, "add"], title="mask: right half white")
+    g.link(black, 0, mask, "destination")
+    g.link(white, 0, mask, "source")
+    return mask
+
+
+def inpaint(refiner: str, note: str, *, task: str, prompt: str, sampler: dict, edit_prompt: str,
+            width: int, height: int, strength: float, video: bool, tiny: bool = False) -> Graph:
+    """A first run (or LoadImage for the released models) -> Encode Image -> source_tokens, a mask -> a second
+    Refine Sampler that regenerates the mask's white part -> Decode -> saved."""
+    g = Graph()
+    g.add("Note", (40, 900), [note + ("" if tiny else " " + FILES_NOTE)])
+    load = g.add("GRNLoadModel", (40, 60), loader(refiner))
+    if tiny:
+        enc = g.add("GRNEncodePrompt", (40, 240), prompt_node(prompt, task))
+        g.link(load, 0, enc, "model")
+        first = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", task, **sampler), title="source run")
+        g.link(load, 0, first, "model")
+        g.link(enc, 0, first, "conditioning")
+        decode = g.add("GRNDecodeVideo", (940, 60), [0])
+        g.link(load, 0, decode, "model")
+        g.link(first, 0, decode, "tokens")
+        source = decode
+        edit_enc = g.add("GRNEncodePrompt", (40, 560), prompt_node(edit_prompt, task), title="edit prompt")
+    else:
+        clip = g.add("CLIPLoader", (40, 240), ["umt5_xxl_fp16.safetensors", "wan", "default"])
+        edit_enc = g.add("GRNEncodePrompt", (40, 380), prompt_node(edit_prompt, task), title="edit prompt")
+        g.link(clip, 0, edit_enc, "clip")
+        source = g.add("LoadImage", (40, 700), ["example.png", "image"])
+    g.link(load, 0, edit_enc, "model")
+    encode = g.add("GRNEncodeImage", (940, 300), [width, height], title="source tokens")
+    g.link(load, 0, encode, "model")
+    g.link(source, 0, encode, "image")
+    mask = right_half_mask(g, width, height, (940, 480))
+    edit = g.add("GRNRefineSampler", (1400, 60), grn("GRNRefineSampler", task, **sampler, strength=strength),
+                 title="Refine Sampler (inpaint)")
+    g.link(load, 0, edit, "model")
+    g.link(edit_enc, 0, edit, "conditioning")
+    g.link(encode, 0, edit, "source_tokens")
+    g.link(mask, 0, edit, "mask")
+    out = g.add("GRNDecodeVideo", (1860, 60), [0])
+    g.link(load, 0, out, "model")
+    g.link(edit, 0, out, "tokens")
+    prefix = f"grn/{'tiny' if tiny else task}_inpaint"
+    if video:
+        save_video(g, out, (1860, 300), prefix)
+    else:
+        save = g.add("SaveImage", (1860, 300), [prefix])
+        g.link(out, 0, save, "images")
+    return g
+
+
+def extend(refiner: str, note: str, *, prompt: str, next_prompt: str, sampler: dict, tiny: bool = False) -> Graph:
+    """Clip 1 -> Decode -> extend_from of a second Refine Sampler (its first frame is clip 1's last) -> both saved."""
+    g = Graph()
+    g.add("Note", (40, 700), [note + ("" if tiny else " " + FILES_NOTE)])
+    load = g.add("GRNLoadModel", (40, 60), loader(refiner))
+    encs = []
+    for i, text in enumerate((prompt, next_prompt)):
+        enc = g.add("GRNEncodePrompt", (40, 240 + 320 * i), prompt_node(text, "t2v"),
+                    title=("clip 1 prompt", "clip 2 prompt")[i])
+        g.link(load, 0, enc, "model")
+        encs.append(enc)
+    if not tiny:
+        clip = g.add("CLIPLoader", (40, 900), ["umt5_xxl_fp16.safetensors", "wan", "default"])
+        for enc in encs:
+            g.link(clip, 0, enc, "clip")
+    first = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", "t2v", **sampler), title="clip 1")
+    g.link(load, 0, first, "model")
+    g.link(encs[0], 0, first, "conditioning")
+    decode1 = g.add("GRNDecodeVideo", (940, 60), [0])
+    g.link(load, 0, decode1, "model")
+    g.link(first, 0, decode1, "tokens")
+    save_video(g, decode1, (1400, 60), f"grn/{'tiny' if tiny else 't2v'}_extend_clip1")
+    second = g.add("GRNRefineSampler", (940, 300), grn("GRNRefineSampler", "t2v", **{**sampler, "seed": 43}),
+                   title="clip 2 (extends clip 1)")
+    g.link(load, 0, second, "model")
+    g.link(encs[1], 0, second, "conditioning")
+    g.link(decode1, 0, second, "extend_from")
+    decode2 = g.add("GRNDecodeVideo", (1400, 300), [0])
+    g.link(load, 0, decode2, "model")
+    g.link(second, 0, decode2, "tokens")
+    save_video(g, decode2, (1400, 540), f"grn/{'tiny' if tiny else 't2v'}_extend_clip2")
+    return g
+
+
 def c2i() -> Graph:
     g = Graph()
     g.add("Note", (40, 420), ["GRN class-to-image (ImageNet 256x256, GRN_ind_B). Files: GRN_ind_B_ep599.pth and "
@@ -233,6 +334,34 @@ def workflows() -> dict[str, Graph]:
             prompt="the camera slowly pushes in, leaves move in the wind",
             sampler=dict(resolution="0.41M", aspect="16:9", frames=33), first_frame=True),
         "grn_c2i.json": c2i(),
+        "grn_tiny_inpaint.json": inpaint(
+            "tiny", "GRN tiny inpainting: runs as shipped. A first run makes a clip; Encode Image turns its frames "
+            "into source_tokens; the mask (SolidMask + MaskComposite) is black (keep) on the left half and white "
+            "(regenerate) on the right. Mask rule: white (1) = regenerate, black (0) = keep; a latent cell is kept "
+            "only when all its pixels are black. Kept cells show as 'fixed' on the inpainting sampler's widget. "
+            "strength < 1 starts from the source's bits (0 returns the source).", task="t2v",
+            prompt="a red circle moving right", edit_prompt="a blue square moving left",
+            sampler=tiny_size(), width=tiny_size()["width"], height=tiny_size()["height"], strength=0.8, video=True,
+            tiny=True),
+        "grn_tiny_extend.json": extend(
+            "tiny", "GRN tiny clip extension: runs as shipped. Clip 2 starts from clip 1's last frame (extend_from: "
+            "encoded and kept, 'fixed' on the widget) and generates what follows.",
+            prompt="a red circle moving right", next_prompt="a red circle moving right", sampler=tiny_size(),
+            tiny=True),
+        "grn_t2i_2b_img2img.json": inpaint(
+            "GRN_T2I_2B_FSA_251600.pth", "GRN 2B image-to-image / inpainting: LoadImage's picture is encoded at "
+            "1024x1024 (cover-resized, centre-cropped) as source_tokens; the mask's white right half is "
+            "regenerated at strength 0.75, the black left half is kept. Disconnect the mask to refine the whole "
+            "image (strength sets how far from the source). LoadImage's own MASK output (1 = transparent) also "
+            "works: erase what to regenerate.", task="t2i", prompt="",
+            edit_prompt="a red fox in fresh snow, morning light, detailed fur",
+            sampler=dict(width=1024, height=1024, frames=1), width=1024, height=1024, strength=0.75, video=False),
+        "grn_t2v_2b_extend.json": extend(
+            "GRN_T2V_2B_FSA_sft147400_ema.pth", "GRN 2B text-to-video, extended: clip 2 (848x480, 33 frames) "
+            "starts from clip 1's last frame (kept) and continues it.",
+            prompt="a red fox running through fresh snow, tracking shot",
+            next_prompt="the red fox stops and looks back at the camera, snow falling",
+            sampler=dict(width=848, height=480, frames=33)),
     }
 
 

@@ -2,7 +2,8 @@
 //
 // The server sends one "grn.refine" event per sampler step (grn_nodes/widget_events.py documents the payload):
 // the token-state map (fill / keep / erase / blank, 2 bits per token), an RGB preview sheet, entropy, kept fraction
-// and "step i / N". This widget draws the current step, offers a frame selector for videos and, once the run is
+// and "step i / N"; in an edit (inpainting, extending a clip) also the map of "fixed" cells clamped to the source
+// (1 bit per cell) and their colour, painted over their state (the sampler reports them as "keep"). This widget draws the current step, offers a frame selector for videos and, once the run is
 // over, a step slider to scrub back through it. Nothing here is saved into the workflow (serialize: false).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -17,6 +18,15 @@ const MAX_HISTORY = 400; // steps kept for scrubbing (each one is at most 64 KB)
 
 const IDLE_TEXT = "GRN: the refinement shows here while the sampler runs";
 let currentPromptId = null; // the prompt the server is running now; events of other prompts are stale
+
+function decodeFixed(map) {
+  // one bit per latent cell, eight to a byte, first cell in the lowest bit (widget_events.pack_bit_map)
+  const bytes = Uint8Array.from(atob(map.data), (c) => c.charCodeAt(0));
+  const n = map.t * map.h * map.w;
+  const bits = new Uint8Array(n);
+  for (let i = 0; i < n; i++) bits[i] = (bytes[i >> 3] >> (i & 7)) & 1;
+  return bits;
+}
 
 function decodeStates(map) {
   const bytes = Uint8Array.from(atob(map.data), (c) => c.charCodeAt(0));
@@ -74,6 +84,7 @@ class RefineView {
   reset(promptId) {
     this.history = [];
     this.promptId = promptId;
+    this.fixed = null; // the run's fixed-cell map (events of an edit carry it first, then while it is small)
     this.index = -1;
     this.frame = 0;
   }
@@ -81,7 +92,8 @@ class RefineView {
   push(event) {
     if (event.prompt_id && event.prompt_id !== this.promptId) this.reset(event.prompt_id);
     const following = this.index === this.history.length - 1;
-    const entry = { event, codes: event.map ? decodeStates(event.map) : null, image: null };
+    if (event.fixed && event.fixed.data) this.fixed = { map: event.fixed, bits: decodeFixed(event.fixed) };
+    const entry = { event, codes: event.map ? decodeStates(event.map) : null, image: null, fixed: this.fixed };
     if (event.preview && event.preview.data) {
       const img = new Image();
       img.onload = () => this.draw();
@@ -160,8 +172,10 @@ class RefineView {
       const scale = Math.min(half / w, areaH / h);
       const img = ctx.createImageData(w, h);
       const offset = f * h * w;
+      const fx = entry.fixed, fixedColour = ev.fixed_colour || [150, 110, 210];
+      const fixedOn = fx && fx.map.t === t && fx.map.h === h && fx.map.w === w ? fx.bits : null;
       for (let i = 0; i < h * w; i++) {
-        const c = ev.colours[entry.codes[offset + i]];
+        const c = fixedOn && fixedOn[offset + i] ? fixedColour : ev.colours[entry.codes[offset + i]];
         img.data[i * 4] = c[0];
         img.data[i * 4 + 1] = c[1];
         img.data[i * 4 + 2] = c[2];
@@ -238,6 +252,15 @@ class RefineView {
       ctx.fillText(label, x + 12, ly);
       x += 18 + ctx.measureText(label).width;
     });
+    // an edit: cells clamped to the source (mask black, an extended clip's first frame), in their own colour
+    if (entry.fixed) {
+      let n = 0;
+      for (const b of entry.fixed.bits) n += b;
+      ctx.fillStyle = rgb(ev.fixed_colour || [150, 110, 210]);
+      ctx.fillRect(x, ly - 8, 9, 9);
+      ctx.fillStyle = "#ccc";
+      ctx.fillText(`fixed ${n} cells`, x + 12, ly);
+    }
   }
 }
 

@@ -26,6 +26,8 @@ STATE_NAMES = ("fill", "keep", "erase", "blank")
 # The paper's colours of the four states (RGB, in code order): pink, blue, yellow, gray. Every picture of the states
 # (the CLI's step maps, the Refine Stats chart, the widget through its events) reads them from here.
 STATE_COLOURS = ((220, 120, 117), (88, 160, 227), (240, 180, 40), (128, 138, 151))
+# Cells clamped to a source while editing (grn_core.editing) are KEEP in the states; pictures mark them in this colour.
+FIXED_COLOUR = (150, 110, 210)
 MAX_MAP_SIDE = 64
 
 
