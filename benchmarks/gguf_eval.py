@@ -17,11 +17,17 @@ Sections:
   its float32 safetensors size, with the types every tensor got (fallbacks), and the planned sizes and fallbacks of
   the released 2B / 8B refiner shapes (from a meta-device model: no weights needed).
 - ``speed`` — seconds per refiner step on the CPU, plain float32 against GGUFLinear (weights decoded per call),
-  measured in one process, interleaved run by run; the golden network (width 128) and ``refiner_step.py``'s default
-  random network (width 512, depth 4, grid 3×12×21, text 64 + 16).
+  measured in one process, interleaved run by run; the golden network (width 128), ``refiner_step.py``'s default
+  random network (width 512, depth 4, grid 3×12×21, text 64 + 16) and the trained tiny refiner at the shapes
+  benchmark's size (where decoding is a larger share of a small step).
 
-``--write-tiny DIR`` leaves the quantised tiny refiner files for the shapes benchmark once the loaders read GGUF
-(``benchmarks/shapes_eval.py`` with a GGUF refiner; see :func:`write_tiny_gguf`).
+``sizes`` also gives the quantised tensors alone (the block matrices the type applies to) against their float32
+bytes, since the tiny refiner's F32 tensors (bit embedding, text projection, head, norms) weigh a third of its file.
+
+``--write-tiny DIR`` leaves the quantised tiny refiner files (as ``checkpoint_to_gguf`` writes them, with all the
+tiny's metadata) for the shapes benchmark: ``benchmarks/shapes_eval.py --model-file DIR/refiner.Q8_0.gguf`` (see
+:func:`write_tiny_gguf`); ``python -m grn_core.convert grn_core/assets/tiny/refiner.safetensors OUT.gguf --dtype q8_0``
+writes the same tensors.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from grn_core.formats import (  # noqa: E402
     read_gguf,
     write_gguf,
 )
+from grn_core.formats import gguf_file  # noqa: E402
+from grn_core.runtime.fp8 import Fp8Linear, quantize_linears  # noqa: E402
 from grn_core.refiner import GRN2b, GRN8b, GRNRefiner, RefinerConfig, infer_refiner_config, swiglu_hidden  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -149,6 +157,12 @@ def accuracy(folder: Path) -> dict:
     for qtype in ("bf16",) + QUANT_TYPES:
         model, info = gguf_model(weights, config, qtype, folder)
         rows[qtype] = {**_logit_errors(ref, _golden_logits(model, io, meta)), **info}
+    # For comparison: the loaders' fp8 storage of the same weights (Fp8Linear, per-row scale; compute float32).
+    fp8 = GRNRefiner(config)
+    fp8.load_state_dict(weights, strict=True)
+    quantize_linears(fp8.float().eval().requires_grad_(False), torch.float8_e4m3fn, torch.float32)
+    rows["fp8_e4m3fn"] = {**_logit_errors(ref, _golden_logits(fp8, io, meta)), "bytes": 0,
+                          "types": {"fp8 blocks": sum(isinstance(m, Fp8Linear) for m in fp8.modules())}}
     torch.manual_seed(0)
     gauss = torch.randn(1024, 1024)
     weight_err = {}
@@ -244,8 +258,13 @@ def sizes(folder: Path) -> dict:
     out = {"float32_safetensors_bytes": TINY_REFINER.stat().st_size, "files": {}}
     for qtype in ("f32", "bf16") + QUANT_TYPES:
         summary = checkpoint_to_gguf(TINY_REFINER, folder / f"tiny.{qtype}.gguf", qtype)
+        chosen = [name for name, t in summary.types.items() if t != "F32"]  # the tensors the type applied to
+        chosen_bytes = sum(gguf_file._tensor_bytes(raw.tensors[n].shape, summary.types[n]) for n in chosen)
+        chosen_float32 = sum(4 * raw.tensors[n].numel() for n in chosen)
         out["files"][qtype] = {"bytes": summary.bytes, "types": summary.counts, "fallbacks": _fallback_groups(summary),
-                               "ratio": summary.bytes / out["float32_safetensors_bytes"]}
+                               "ratio": summary.bytes / out["float32_safetensors_bytes"],
+                               "quantised_bytes": chosen_bytes, "quantised_float32_bytes": chosen_float32,
+                               "quantised_ratio": chosen_bytes / chosen_float32 if chosen_float32 else 1.0}
     rows = sorted({tuple(t.shape) for n, t in raw.tensors.items() if t.ndim == 2})
     out["tiny_matrix_shapes"] = [list(s) for s in rows]
     released = {}
@@ -291,12 +310,18 @@ def speed(folder: Path, repeats: int, warmup: int) -> dict:
     bits = torch.randint(0, 2, (1, cfg.bits, 3, 12, 21), dtype=torch.uint8)
     cases["random (width 512, grid 3×12×21)"] = (cfg, random_weights, bits, torch.randn(64, cfg.text_channels),
                                                  torch.randn(16, cfg.text_channels))
+    # The trained tiny refiner on a shapes clip at the shapes benchmark's size (32×32, 9 frames).
+    raw = read_checkpoint(TINY_REFINER)
+    tiny_cfg = RefinerConfig.from_dict(json.loads(raw.metadata["grn.config"]))
+    bits, _, _, text, empty = _tiny_inputs(tiny_cfg, raw.metadata, clips=1, keep=(0.5,))[0]
+    grid = "×".join(str(n) for n in bits.shape[-3:])
+    cases[f"tiny (width 128, grid {grid}, the shapes clips)"] = (tiny_cfg, dict(raw.tensors), bits, text, empty)
     results = {}
     for label, (config, state, bits, text_cond, text_uncond) in cases.items():
         plain = GRNRefiner(config)
         plain.load_state_dict(state, strict=True)
         models = {"float32": plain.float().eval().requires_grad_(False)}
-        for qtype in ("q8_0", "q4_k"):
+        for qtype in QUANT_TYPES:
             models[qtype], _ = gguf_model(state, config, qtype, folder)
         aspect = bits.shape[-2] / bits.shape[-1]
         with torch.no_grad():
@@ -339,7 +364,7 @@ def markdown(result: dict) -> str:
         for qtype, row in acc["logits"].items():
             types = ", ".join(f"{k} {v}" for k, v in row["types"].items())
             lines.append(f"| {qtype.upper()} | {row['max_rel']:.2e} | {row['mean_rel']:.2e} | "
-                         f"{100 * row['bit_flips']:.3f} % | {_mb(row['bytes'])} | {types} |")
+                         f"{100 * row['bit_flips']:.3f} % | {_mb(row['bytes']) if row['bytes'] else '—'} | {types} |")
         lines += ["", "Relative RMS weight error on a Gaussian 1024×1024 matrix: " + ", ".join(
             f"{k} {v:.4f}" for k, v in acc["gaussian_weight_rel_rms"].items()), ""]
     if "tiny_accuracy" in result:
@@ -361,10 +386,13 @@ def markdown(result: dict) -> str:
         base = sz["float32_safetensors_bytes"]
         lines += [f"**Tiny refiner file size** (float32 safetensors {_mb(base)}; matrix shapes "
                   f"{', '.join('×'.join(map(str, s)) for s in sz['tiny_matrix_shapes'])}):", "",
-                  "| type | GGUF size | vs float32 | tensor types | fallbacks |", "|---|---|---|---|---|"]
+                  "| type | GGUF size | vs float32 | quantised tensors alone vs their float32 | tensor types | "
+                  "fallbacks |", "|---|---|---|---|---|---|"]
         for qtype, row in sz["files"].items():
             types = ", ".join(f"{k} {v}" for k, v in row["types"].items())
-            lines.append(f"| {qtype.upper()} | {_mb(row['bytes'])} | {100 * row['ratio']:.1f} % | {types} | "
+            alone = (f"{_mb(row['quantised_bytes'])} / {_mb(row['quantised_float32_bytes'])} = "
+                     f"{100 * row['quantised_ratio']:.1f} %") if row["quantised_float32_bytes"] else "—"
+            lines.append(f"| {qtype.upper()} | {_mb(row['bytes'])} | {100 * row['ratio']:.1f} % | {alone} | {types} | "
                          f"{'; '.join(row['fallbacks']) or 'none'} |")
         lines += ["", "**Released shapes** (planned tensor data, from meta-device models):", "",
                   "| model | float32 | " + " | ".join(t.upper() for t in ("bf16",) + QUANT_TYPES) + " | fallbacks |",

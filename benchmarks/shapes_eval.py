@@ -2,6 +2,7 @@
 
     python benchmarks/shapes_eval.py                          # shipped model, 72 prompts x seeds 0 1, both modes
     python benchmarks/shapes_eval.py --model-dir /tmp/run     # a model trained with python -m grn_core.train
+    python benchmarks/shapes_eval.py --model-file /tmp/tiny.Q8_0.gguf --modes fixed50   # another refiner file
     python benchmarks/shapes_eval.py --write-md /work/brief/tiny_results.md
 
 Every video caption ``a {color} {shape} moving {direction}`` (72) is generated with each seed, one clip per call as
@@ -10,6 +11,12 @@ step count with the model's calibrated rule), interleaved prompt by prompt so ma
 Each clip is judged by ``grn_core.data.judge`` (colour, shape, direction of motion). Reported per mode: accuracy
 per attribute and for all three, mean network evaluations (NFE, cond + uncond counted separately), mean steps and
 mean seconds per clip (sampling + tokenizer decode; judging excluded). Prints JSON.
+
+``--model-file PATH``: a refiner file used instead of the model directory's own ``refiner.safetensors`` (e.g. the tiny
+refiner converted to GGUF: ``python -m grn_core.convert grn_core/assets/tiny/refiner.safetensors /tmp/tiny.Q8_0.gguf
+--dtype q8_0``), loaded by the normal loader (``grn_core.pipeline.load_model``, default dtype: float32 compute on the
+CPU) with the directory's tokenizer, text encoder, adaptive rule and default size. Its network must have the same
+config as the directory's refiner.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grn_core.data.shapes import video_captions  # noqa: E402
 from grn_core.models import TINY_DIR  # noqa: E402
+from grn_core.pipeline import GRNModel, load_model  # noqa: E402
 from grn_core.sampler import ADAPTIVE_DEFAULTS, SamplerSettings  # noqa: E402
 from grn_core.train.evaluate import adaptive_rule, generate_batch, judge_frames, load_model_dir  # noqa: E402
 
@@ -50,8 +58,22 @@ def _settings(model_dir: Path) -> dict[str, SamplerSettings]:
     return modes
 
 
-def run(model_dir: Path, prompts: list[str], seeds: list[int], modes: list[str]) -> dict:
+def load_benchmark_model(model_dir: Path, model_file: Path | None = None) -> GRNModel:
+    """The model of ``model_dir`` (refiner, tokenizer, text encoder, preview, default size), with the refiner of
+    ``model_file`` instead of the directory's own when given (same config required)."""
     model = load_model_dir(model_dir)
+    if model_file is None:
+        return model
+    other = load_model(model_file, model_dir / "tokenizer.safetensors")
+    if other.refiner.config != model.refiner.config:
+        raise SystemExit(f"--model-file {model_file}: its refiner config {other.refiner.config} differs from "
+                         f"{model_dir}'s ({model.refiner.config}); the tokenizer and text encoder would not fit.")
+    return dataclasses.replace(model, refiner=other.refiner, name=Path(model_file).name)
+
+
+def run(model_dir: Path, prompts: list[str], seeds: list[int], modes: list[str],
+        model_file: Path | None = None) -> dict:
+    model = load_benchmark_model(model_dir, model_file)
     size = model.defaults or {"width": 32, "height": 32, "frames": 9}
     settings = _settings(model_dir)
     missing = [m for m in modes if m not in settings]
@@ -119,7 +141,9 @@ def _markdown(result: dict) -> str:
         f"- date: {result['date']}",
         f"- machine: {result['machine']}",
         f"- command: `{result['command']}`",
-        f"- model: `{result['model_dir']}` ({result['model_bytes'] / 1e6:.2f} MB); "
+        f"- model: `{result['model_dir']}`"
+        + (f" with refiner `{result['model_file']}` ({result['weight_dtype']})" if result.get("model_file") else "")
+        + f" ({result['model_bytes'] / 1e6:.2f} MB); "
         f"{result['prompts']} prompts x seeds {result['seeds']} = {result['samples']} clips per mode, "
         f"{result['size']['frames']} frames at {result['size']['width']}x{result['size']['height']}",
         "",
@@ -154,6 +178,8 @@ def write_markdown(path: Path, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=TINY_DIR)
+    parser.add_argument("--model-file", type=Path, default=None,
+                        help="a refiner file (e.g. a .gguf) used instead of the model directory's refiner")
     parser.add_argument("--prompts", type=int, default=72, help="first N of the 72 video captions (spread evenly)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--modes", nargs="+", default=["fixed50", "adaptive"], choices=["fixed50", "adaptive"])
@@ -167,15 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     step = max(1, len(captions) // args.prompts)
     prompts = captions[::step][: args.prompts]
     started = time.perf_counter()
-    modes = run(args.model_dir, prompts, args.seeds, args.modes)
-    files = [args.model_dir / "refiner.safetensors", args.model_dir / "tokenizer.safetensors"]
-    model = load_model_dir(args.model_dir)
+    modes = run(args.model_dir, prompts, args.seeds, args.modes, args.model_file)
+    refiner_file = args.model_file or args.model_dir / "refiner.safetensors"
+    files = [refiner_file, args.model_dir / "tokenizer.safetensors"]
+    model = load_benchmark_model(args.model_dir, args.model_file)
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None else "benchmarks/shapes_eval.py",
                                         *(sys.argv[1:] if argv is None else argv)]),
         "model_dir": str(args.model_dir), "model_bytes": sum(f.stat().st_size for f in files),
+        "model_file": str(args.model_file) if args.model_file else None, "weight_dtype": model.weight_dtype,
+        "refiner_bytes": refiner_file.stat().st_size,
         "size": model.defaults, "prompts": len(prompts), "seeds": args.seeds,
         "samples": len(prompts) * len(args.seeds), "modes": modes,
         "total_seconds": round(time.perf_counter() - started, 1),

@@ -15,6 +15,14 @@ Weights are cast by :mod:`grn_core.runtime.precision` on the CPU, before anythin
 keeps the file's dtype on the CPU and gives bf16 (fp16 on pre-Ampere GPUs) on any other device — never float32
 weights on a GPU unless asked for; fp8 files (and ``dtype="fp8_e4m3fn"`` / ``"fp8_e5m2"``) keep the repeated blocks'
 Linear weights in 8 bits, upcast per call to ``compute_dtype`` (bf16 by default).
+
+GGUF files (refiners and class-to-image refiners only; judged by their first bytes, see :mod:`grn_core.formats`)
+load through the same loaders: their quantised Linears (Q8_0, Q5_K, Q4_K … blocks) become
+:class:`~grn_core.formats.GGUFLinear` layers that keep the blocks as they are — on the device, or streamed by block
+offload — and decode one layer's weight per call, on the compute device, in the compute dtype. For such a file
+``dtype`` names that compute dtype (``None``: float32 on the CPU, bf16 — fp16 before Ampere — on GPUs; ``bf16``,
+``fp16``, ``fp32``), which the few unquantised weights (norms, biases, embeddings, head) take as for a float file;
+the storage stays quantised. An fp8 ``dtype`` is refused (the weights are quantised already).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from .checkpoint_files import (
     read_checkpoint,
 )
 
+from .formats import GGUFLinear, GGUFWeight, apply_gguf_weights, dequantize, is_gguf_file, nonfinite_blocks
+from .formats import read_gguf_checkpoint
 from .presets import BIT_TASKS, TASKS
 from .releases import RELEASED_FILES
 from .runtime.fp8 import FP8_DTYPES as _FP8_DTYPES
@@ -56,6 +66,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError",
     "CheckpointInfo",
+    "GGUF_KINDS",
     "KNOWN_FILES",
     "detect_kind",
     "inspect_checkpoint",
@@ -64,6 +75,7 @@ __all__ = [
     "load_tokenizer",
     "load_umt5",
     "parse_dtype",
+    "read_weights",
     "save_checkpoint",
 ]
 
@@ -209,8 +221,61 @@ def _kind_of(raw: RawCheckpoint) -> str:
     return detected
 
 
+# The kinds a GGUF file may hold: the refiners, whose repeated blocks' Linears hold nearly all the weights. The
+# tokenizer (convolutions) and the umt5 text encoder stay .safetensors / .pth (umt5 takes fp8 for its memory).
+GGUF_KINDS = ("refiner", "c2i")
+_CONTAINERS = ("ema", "vae", "model_ema1", "model")
+
+
+def read_weights(path: str | Path, preferred: tuple[str, ...] = _CONTAINERS, load_data: bool = True
+                 ) -> RawCheckpoint:
+    """Read any weights file the loaders take: GGUF (judged by its first bytes, whatever its name; quantised tensors
+    stay :class:`~grn_core.formats.GGUFWeight`) or what :func:`~grn_core.checkpoint_files.read_checkpoint` reads.
+
+    ``load_data=False`` reads a GGUF file's header alone (meta-device tensors: enough to inspect it); other formats
+    are read whole either way. A ``.gguf`` name on a file that is not GGUF is a CheckpointError saying what it is.
+    """
+    path = Path(path)
+    if is_gguf_file(path):
+        if path.suffix.lower() != ".gguf":
+            log.warning("%s is a GGUF file with a %s name; it is read as GGUF. Rename it to .gguf.", path,
+                        path.suffix or "suffix-less")
+        return read_gguf_checkpoint(path, load_data=load_data)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return read_gguf_checkpoint(path, load_data=load_data)  # its error says what the file is instead
+    return read_checkpoint(path, preferred)
+
+
+def _is_gguf(raw: RawCheckpoint) -> bool:
+    return is_gguf_file(raw.path)
+
+
+def _quantised_types(raw: RawCheckpoint) -> dict[str, int]:
+    """The quantised GGML types of a GGUF file's tensors with how many tensors have each ({} for float files)."""
+    counts: dict[str, int] = {}
+    for value in raw.tensors.values():
+        if isinstance(value, GGUFWeight):
+            counts[value.qtype] = counts.get(value.qtype, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def _refuse_gguf_kind(path: Path, kind: str) -> None:
+    if kind not in GGUF_KINDS:
+        what = KINDS[kind].description if kind in KINDS else f"a '{kind}' network"
+        raise CheckpointError(
+            f"{path}: this GGUF file holds {what}; GRN reads GGUF files of refiners only (text-to-image/video and "
+            "class-to-image). Use the .safetensors / .pth file of this model"
+            + (" (dtype='fp8_e4m3fn' halves the text encoder's memory)." if kind == "umt5" else "."),
+            path=path, value=kind)
+
+
 def _read_expecting(path: str | Path, expected: str) -> tuple[RawCheckpoint, str]:
-    raw = read_checkpoint(path, KINDS[expected].preferred_containers)
+    if expected not in GGUF_KINDS and is_gguf_file(path):
+        spec = KINDS[expected]
+        raise CheckpointError(
+            f"{path}: a GGUF file, but {spec.description} was expected here. GRN reads GGUF files of refiners only; "
+            f"{spec.description} stays a .safetensors / .pth file. {spec.hint}", path=path, value="gguf")
+    raw = read_weights(path, KINDS[expected].preferred_containers)
     kind = _kind_of(raw)
     if kind in KINDS:
         tasks_of(raw, kind)  # damaged task metadata is refused by every loader, not only where tasks are used
@@ -220,6 +285,8 @@ def _read_expecting(path: str | Path, expected: str) -> tuple[RawCheckpoint, str
         raise CheckpointError(
             f"{raw.path}: this file is {found}, but {spec.description} was expected here. {spec.hint}", path=raw.path,
             value=kind)
+    if _is_gguf(raw):
+        _refuse_gguf_kind(raw.path, kind)
     return raw, kind
 
 
@@ -454,6 +521,14 @@ def _check_dtypes(raw: RawCheckpoint, expected: Mapping[str, torch.Tensor]) -> N
         have = raw.tensors.get(name)
         if have is None:
             continue
+        if isinstance(have, GGUFWeight):  # quantised blocks decode to floats
+            if not want.is_floating_point():
+                raise CheckpointError(
+                    f"{raw.path}: tensor '{name}' is stored quantised ({have.qtype}), but the network keeps it as "
+                    f"{_dtype_name(want.dtype)}. The file is damaged or was written by another tool: make it again "
+                    "with `python -m grn_core convert ORIGINAL OUT.gguf --dtype q8_0`.",
+                    path=raw.path, key=name, value=have.qtype)
+            continue
         if have.layout != torch.strided or getattr(have, "is_quantized", False):
             raise CheckpointError(
                 f"{raw.path}: tensor '{name}' is stored as a {str(have.layout).replace('torch.', '')}"
@@ -480,14 +555,25 @@ def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype 
     ``stay_on_cpu``: leave the weights on the CPU (the caller places them, e.g. with block offload).
     """
     model_class, _, _ = _model_api(kind)
-    precision = resolve_precision(dtype, device, dominant_dtype(raw.tensors), parse_dtype(compute_dtype))
+    quantised = _quantised_types(raw)
+    compute = parse_dtype(compute_dtype)
+    file_dtype = dominant_dtype(raw.tensors)
+    if quantised:
+        dtype = _gguf_compute_dtype(raw, quantised, dtype, compute)
+        compute, file_dtype = None, torch.float32  # the blocks decode to float32: the CPU default computes in it
+    precision = resolve_precision(dtype, device, file_dtype, compute)
     # Build on the meta device: an 8B network is never initialised randomly just to be overwritten.
     with torch.device("meta"):
         model = model_class(config)
     _check_keys(raw, kind, model)
     state = {k: raw.tensors[k] for k in model.state_dict()}
     check_finite(raw.path, state)  # NaN/Inf weights would give wrong output silently
-    model.load_state_dict(state, strict=True, assign=True)
+    if quantised:
+        _check_gguf_finite(raw, state)
+        # Quantised Linears become GGUFLinear (blocks kept, decoded per call in the compute dtype); the rest loads.
+        apply_gguf_weights(model, state, compute_dtype=precision.compute, path=raw.path)
+    else:
+        model.load_state_dict(state, strict=True, assign=True)
     still_meta = [name for name, t in model.named_buffers() if t.is_meta]
     if still_meta:
         # Non-persistent buffers (tables computed in __init__) are not in the file: rebuild them for real.
@@ -497,9 +583,10 @@ def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype 
             owner = model.get_submodule(owner_name) if owner_name else model
             owner._buffers[attr] = fresh.get_buffer(name)
         del fresh
-    cast_network(model, precision)
+    cast_network(model, precision)  # GGUFLinear keeps its blocks: only its bias takes the compute dtype
     wider = (torch.float32, torch.float64, torch.bfloat16)
-    if precision.storage == torch.float16 and any(t.dtype in wider for t in state.values()):
+    if precision.storage == torch.float16 and any(isinstance(t, GGUFWeight) or t.dtype in wider
+                                                  for t in state.values()):
         _check_cast_overflow(raw, model, "float16")
     if not stay_on_cpu:
         model.to(device=device)
@@ -507,17 +594,72 @@ def _materialise(raw: RawCheckpoint, kind: str, config: Any, dtype: torch.dtype 
     return model
 
 
+def _gguf_compute_dtype(raw: RawCheckpoint, quantised: Mapping[str, int], dtype: torch.dtype | None,
+                        compute: torch.dtype | None) -> torch.dtype | None:
+    """The ``dtype`` a quantised GGUF file loads with: the compute dtype of its GGUF layers and the dtype of its
+    unquantised weights (``compute_dtype``, when given, must agree or stand alone); fp8 is refused."""
+    types = ", ".join(f"{name} ×{count}" for name, count in quantised.items())
+    if dtype is not None and dtype in FP8_DTYPES:
+        raise CheckpointError(
+            f"{raw.path}: a GGUF file whose weights are quantised already ({types}); they cannot be stored as "
+            f"{_dtype_name(dtype)} too. Load it with dtype default, bf16, fp16 or fp32 (the dtype its layers compute "
+            "in; the weights stay quantised), or for fp8 weights convert the original float file instead: "
+            f"`python -m grn_core convert ORIGINAL OUT.safetensors --dtype {_fp8_name(dtype)}`.",
+            path=raw.path, value=_dtype_name(dtype))
+    if compute is not None:
+        if dtype is not None and dtype != compute:
+            raise ValueError(
+                f"{raw.path}: for a GGUF file dtype is the compute dtype (the weights stay quantised); dtype "
+                f"{_dtype_name(dtype)} and compute_dtype {_dtype_name(compute)} disagree. Give one of them.")
+        dtype = compute
+    return dtype
+
+
+def _fp8_name(dtype: torch.dtype) -> str:
+    return _dtype_name(dtype).replace("float8_", "fp8_")
+
+
+def _check_gguf_finite(raw: RawCheckpoint, state: Mapping[str, Any]) -> None:
+    """Quantised blocks whose f16 scale is NaN/Inf decode to NaN/Inf: refused like NaN weights of float files."""
+    for name, value in state.items():
+        if isinstance(value, GGUFWeight):
+            bad = nonfinite_blocks(value)
+            if bad:
+                blocks = value.data.shape[0] * value.data.shape[1] // value.type.nbytes
+                raise CheckpointError(
+                    f"{raw.path}: tensor '{name}' ({value.qtype}, shape {tuple(value.shape)}) has {bad} block(s) of "
+                    f"{blocks} whose scale is NaN/Inf, so its weights decode to NaN/Inf. The weights are damaged (a "
+                    "broken download or conversion) and would give wrong output: use another copy of the file.",
+                    path=raw.path, key=name, value=bad)
+
+
+def _stored_weights(model: nn.Module):
+    """``(name, tensor)`` of every state-dict entry, one at a time: a GGUF layer's weight is decoded in its compute
+    dtype only when its turn comes (``model.state_dict()`` would decode them all at once)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, GGUFLinear):
+            yield prefix + "weight", module.upcast_weight()
+        for key, param in module._parameters.items():
+            if param is not None:
+                yield prefix + key, param
+        for key, buf in module._buffers.items():
+            if buf is not None and key not in module._non_persistent_buffers_set:
+                yield prefix + key, buf
+
+
 def _check_cast_overflow(raw: RawCheckpoint, model: nn.Module, target: str) -> None:
     """A weight finite in the file but beyond the range of the storage dtype (65504 for float16) becomes Inf."""
-    for name, tensor in model.state_dict().items():
+    for name, tensor in _stored_weights(model):
         try:
             check_finite(raw.path, [(name, tensor)])
         except CheckpointError as error:
+            source = raw.tensors.get(name)
+            largest = float("nan") if source is None else float(dequantize(source).abs().max())
             raise CheckpointError(
                 f"{raw.path}: tensor '{name}' holds values beyond the range of {target} (largest magnitude in the "
-                f"file: {float(raw.tensors[name].float().abs().max()) if name in raw.tensors else float('nan'):g}); "
-                f"stored as {target} they become Inf. Load it with dtype='bf16' or 'fp32' instead.",
-                path=raw.path, key=name, value=target) from error
+                f"file: {largest:g}); stored as {target} they become Inf. Load it with dtype='bf16' or 'fp32' "
+                "instead.", path=raw.path, key=name, value=target) from error
 
 
 def _layout_for(raw: RawCheckpoint, layout: str | None) -> str:
@@ -642,9 +784,12 @@ def load_umt5(path: str | Path, dtype: str | torch.dtype | None = None, device: 
 
 
 def inspect_checkpoint(path: str | Path, layout: str | None = None) -> CheckpointInfo:
-    """Kind, layout, tasks and config of a file, without building its network."""
-    raw = read_checkpoint(path, ("ema", "vae", "model_ema1", "model"))
+    """Kind, layout, tasks and config of a file, without building its network (of a GGUF file, its header alone
+    is read)."""
+    raw = read_weights(path, _CONTAINERS, load_data=False)
     kind = _kind_of(raw)
+    if _is_gguf(raw):
+        _refuse_gguf_kind(raw.path, kind)
     resolved_layout = _layout_for(raw, layout) if kind == "refiner" else None
     extra = {"layout": resolved_layout} if kind == "refiner" else {}
     return CheckpointInfo(raw.path, kind, resolved_layout, tasks_of(raw, kind), _resolve_config(raw, kind, extra))

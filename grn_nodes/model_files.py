@@ -19,7 +19,8 @@ from grn_core.releases import BY_NAME, HF_REPO, OFFERED, released
 GRN_FOLDER = "grn"  # ComfyUI/models/grn
 SHARED_FOLDERS = ("diffusion_models",)  # also searched for refiner files
 TEXT_ENCODER_FOLDERS = (GRN_FOLDER, "text_encoders")
-MODEL_EXTENSIONS = frozenset({".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin"})
+MODEL_EXTENSIONS = frozenset({".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf"})
+GGUF_EXTENSION = ".gguf"  # quantised refiners (`python -m grn_core convert SRC OUT.gguf --dtype q8_0`): refiners only
 TINY = "tiny"
 AUTO = "auto"
 NONE = "none"
@@ -90,6 +91,8 @@ def _guess_kind(name: str) -> Optional[str]:
     if entry is not None:
         return entry.kind
     low = base.lower()
+    if low.endswith(GGUF_EXTENSION):  # GRN writes GGUF files of refiners only: never offered as tokenizer or umt5
+        return "c2i" if low.startswith("grn_ind") else "refiner"
     if low.startswith("hbq_") or "tokenizer" in low:
         return "tokenizer"
     if "umt5" in low or low.startswith("models_t5"):

@@ -35,7 +35,7 @@ from grn_core.formats import (
     read_gguf_checkpoint,
     write_gguf,
 )
-from grn_core.formats import gguf_file
+from grn_core.formats import gguf_file, gguf_quants, nonfinite_blocks
 from grn_core.refiner import GRNRefiner, RefinerConfig
 
 try:
@@ -121,6 +121,40 @@ def test_dequantize_dtype_device_and_plain_tensors():
     plain = torch.randn(3, 4)
     assert torch.equal(dequantize(plain, torch.float64), plain.double())
     assert weight.to("cpu") is weight and not weight.is_floating_point() and weight.numel() == 16 * 256
+
+
+@pytest.mark.parametrize("qtype", WRITTEN + READ_ONLY)
+def test_large_matrices_decode_in_pieces_to_the_same_values(monkeypatch, qtype):
+    """Above ``_DECODE_WEIGHTS`` a matrix is decoded piece by piece into its output (bounded temporaries)."""
+    kind = QTYPES[qtype]
+    gen = torch.Generator().manual_seed(11)
+    raw = torch.randint(0, 256, (12, 512 // kind.block * kind.nbytes), dtype=torch.uint8, generator=gen)
+    weight = GGUFWeight(raw, qtype, (12, 512))
+    whole = {dtype: dequantize(weight, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    monkeypatch.setattr(gguf_quants, "_DECODE_WEIGHTS", 3 * kind.block * 7)  # 3 * 7 blocks a piece: the last one shorter
+    for dtype, expected in whole.items():
+        pieces = dequantize(weight, dtype)
+        assert pieces.dtype == dtype and pieces.shape == (12, 512)
+        assert torch.equal(pieces.isnan(), expected.isnan())
+        assert torch.equal(pieces.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("qtype", WRITTEN + READ_ONLY)
+def test_nonfinite_blocks_reads_the_scales_alone(qtype):
+    kind = QTYPES[qtype]
+    gen = torch.Generator().manual_seed(5)
+    raw = torch.randint(0, 256, (6, 512 // kind.block * kind.nbytes), dtype=torch.uint8, generator=gen)
+    fields = gguf_quants._HALF_FIELDS[qtype]
+    blocks = raw.view(-1, kind.nbytes)
+    for offset in fields:  # every scale / min finite (0x3C00 = 1.0) ...
+        blocks[:, offset:offset + 2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)
+    weight = GGUFWeight(raw, qtype, (6, 512))
+    assert nonfinite_blocks(weight) == 0 and bool(torch.isfinite(dequantize(weight)).all())
+    blocks[2, fields[-1]:fields[-1] + 2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # ... but one Inf
+    blocks[5, fields[0]:fields[0] + 2] = torch.tensor([0x01, 0x7E], dtype=torch.uint8)  # and one NaN
+    assert nonfinite_blocks(weight) == 2
+    decoded = dequantize(weight).reshape(-1, kind.block)
+    assert (~torch.isfinite(decoded)).any(dim=1).nonzero().flatten().tolist() == [2, 5]
 
 
 def test_quantisation_error_ranks_as_expected():

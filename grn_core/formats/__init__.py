@@ -8,14 +8,18 @@ big models on small GPUs).
 - :mod:`.gguf_linear` — :class:`GGUFLinear` (decodes its weight per call on the compute device) and
   :func:`apply_gguf_weights` (loads a GGUF state dict into a network, quantised Linears as GGUFLinear).
 
-Loading a GGUF refiner (what ``grn_core.checkpoints`` does for ``.gguf`` files; it sits above this package, which
-never imports it)::
+The loaders take GGUF refiners like any other file — ``load_refiner("x.Q4_K.gguf", dtype="bf16")``,
+``load_c2i``, ``grn_core.pipeline.load_model``, ``inspect_checkpoint``, ``python -m grn_core inspect/generate``, the
+Load GRN node — and ``python -m grn_core convert SRC OUT.gguf --dtype q8_0|q5_k|q4_k|bf16|f16`` writes them. What
+``grn_core.checkpoints`` does for a GGUF file (it sits above this package, which never imports it)::
 
     raw = read_gguf_checkpoint(path)                 # RawCheckpoint: tensors (GGUFWeight values) + grn.* metadata
     with torch.device("meta"):
         model = GRNRefiner(RefinerConfig.from_dict(raw.config_dict))
     apply_gguf_weights(model, raw.tensors, compute_dtype=torch.bfloat16, path=path)
     cast_network(model, Precision(torch.bfloat16, torch.bfloat16))   # non-GGUF weights; GGUFLinear keeps its blocks
+
+(after the usual key, shape and config checks, and :func:`nonfinite_blocks` for NaN/Inf block scales).
 """
 
 from .gguf_file import (
@@ -38,6 +42,7 @@ from .gguf_quants import (
     SUPPORTED,
     GGUFWeight,
     dequantize,
+    nonfinite_blocks,
     pick_qtype,
     quantize,
 )
@@ -58,6 +63,7 @@ __all__ = [
     "dequantize",
     "gguf_linears",
     "is_gguf_file",
+    "nonfinite_blocks",
     "pick_qtype",
     "plan_gguf",
     "quantize",

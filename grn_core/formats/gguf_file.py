@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from ..checkpoint_files import CheckpointError, RawCheckpoint, read_checkpoint
+from ..checkpoint_files import CheckpointError, RawCheckpoint, read_checkpoint, sniff_format
 from .gguf_quants import (
     QTYPES,
     SUPPORTED,
@@ -74,6 +74,9 @@ META_QUANTIZATION = "grn.quantization"
 GGML_QUANT_VERSION = 2
 
 WRITE_TYPES = ("q8_0", "q5_k", "q4_k", "bf16", "f16", "f32")  # what write_gguf's qtype accepts (case-insensitive)
+# How to make a GRN GGUF file (for error messages).
+HOW_TO_WRITE = ("python -m grn_core convert ORIGINAL OUT.gguf --dtype q8_0 (or q5_k, q4_k, bf16, f16) from the "
+                "original .pth / .safetensors file")
 
 # Default choice of what to quantise (see default_select).
 BLOCK_PREFIXES = ("block_chunks.", "blocks.", "layers.")
@@ -358,6 +361,17 @@ def is_gguf_file(path: str | Path) -> bool:
         return False
 
 
+def _what_else(path: Path) -> str:
+    """The end of a 'not a GGUF file' message: what the file is instead, when it is a weights file we know."""
+    try:
+        fmt = sniff_format(path)
+    except CheckpointError:
+        return ". Download it again, or pick the right file."
+    what, suffix = {"safetensors": ("a safetensors file", ".safetensors"), "zip": ("a PyTorch checkpoint", ".pth"),
+                    "pickle": ("a legacy PyTorch checkpoint", ".pth")}[fmt]
+    return f": it is {what}. Rename it to {path.with_suffix(suffix).name}."
+
+
 def _meta_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -365,7 +379,8 @@ def _meta_text(value: Any) -> str:
 def _read_header(path: Path, handle: BinaryIO, size: int) -> tuple[dict[str, Any], list[_TensorInfo], int]:
     reader = _Reader(handle, size)
     if reader.take(4) != GGUF_MAGIC:
-        raise CheckpointError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF').", path=path)
+        raise CheckpointError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF'){_what_else(path)}",
+                              path=path)
     version = reader.unpack("<I")
     if version not in (2, 3):
         endian = " (a big-endian file?)" if version >= 1 << 16 else ""
@@ -396,7 +411,7 @@ def _read_header(path: Path, handle: BinaryIO, size: int) -> tuple[dict[str, Any
     return metadata, infos, _align(handle.tell(), alignment)
 
 
-def read_gguf(path: str | Path, architecture: Optional[str] = ARCHITECTURE
+def read_gguf(path: str | Path, architecture: Optional[str] = ARCHITECTURE, load_data: bool = True
               ) -> tuple[dict[str, torch.Tensor | GGUFWeight], dict[str, str]]:
     """Read a GGUF file: ``(tensors, metadata)``.
 
@@ -405,6 +420,9 @@ def read_gguf(path: str | Path, architecture: Optional[str] = ARCHITECTURE
     apply_gguf_weights` keep them so); F32 / F16 / BF16 / integer tensors are plain CPU tensors (a 0-D tensor
     written by :func:`write_gguf` comes back with shape ``(1,)``: GGUF has no scalars). ``metadata`` maps every key
     to a string (non-string values as JSON).
+
+    ``load_data=False`` reads the header alone: every tensor then lives on the meta device (shapes, types and the
+    checks below, no bytes read) — what inspecting a file needs.
 
     Raises :class:`~grn_core.checkpoint_files.CheckpointError` naming the file, before any tensor data is read, for a
     file that is not GGUF, of another architecture than ``architecture`` (None: any), damaged or truncated, or that
@@ -429,8 +447,9 @@ def read_gguf(path: str | Path, architecture: Optional[str] = ARCHITECTURE
             what = f"'{found_arch}'" if found_arch is not None else "not recorded"
             raise CheckpointError(
                 f"{path}: this GGUF file is not a GRN model: its architecture ({META_ARCHITECTURE}) is {what}, "
-                f"expected '{architecture}'. GRN reads GGUF files written by grn_core (`write_gguf`); a GGUF of "
-                "another model (e.g. for ComfyUI-GGUF's loaders) cannot be used here.",
+                f"expected '{architecture}'. GRN reads the GGUF files of GRN refiners that grn_core writes (tensor "
+                f"types {', '.join(SUPPORTED)}); a GGUF of another model (e.g. for ComfyUI-GGUF's loaders) cannot be "
+                f"used here. Make one with `{HOW_TO_WRITE}`.",
                 path=path, key=META_ARCHITECTURE, value=found_arch)
         plan = []
         names = set()
@@ -439,8 +458,8 @@ def read_gguf(path: str | Path, architecture: Optional[str] = ARCHITECTURE
             if kind is None:
                 raise CheckpointError(
                     f"{path}: tensor '{info.name}' is stored as GGML type {_type_name(info.type_id)}, which GRN does "
-                    f"not read. Supported types: {', '.join(SUPPORTED)}. Re-quantise the model with grn_core "
-                    "(`write_gguf`, types q8_0, q5_k, q4_k, bf16, f16, f32).",
+                    f"not read. Supported types: {', '.join(SUPPORTED)}. Re-quantise the model with "
+                    f"`{HOW_TO_WRITE}`.",
                     path=path, key=info.name, value=_type_name(info.type_id))
             if info.name in names:
                 raise CheckpointError(f"{path}: tensor '{info.name}' appears twice. The file is damaged.", path=path,
@@ -463,6 +482,11 @@ def read_gguf(path: str | Path, architecture: Optional[str] = ARCHITECTURE
                 f"({100 * size / end:.0f}%). The download or copy was cut off: download it again.", path=path)
         tensors: dict[str, torch.Tensor | GGUFWeight] = {}
         for info, kind, nbytes in plan:
+            if not load_data:
+                tensors[info.name] = (GGUFWeight(torch.empty(nbytes, dtype=torch.uint8, device="meta"), kind.name,
+                                                 info.shape) if kind.quantized
+                                      else torch.empty(info.shape, dtype=kind.torch_dtype, device="meta"))
+                continue
             handle.seek(data_start + info.offset)
             data = torch.empty(nbytes, dtype=torch.uint8)
             if nbytes and handle.readinto(memoryview(data.numpy())) != nbytes:
@@ -483,10 +507,11 @@ def _type_name(type_id: int) -> str:
     return kind.name if kind else f"{names.get(type_id, 'unknown')} (id {type_id})"
 
 
-def read_gguf_checkpoint(path: str | Path) -> RawCheckpoint:
+def read_gguf_checkpoint(path: str | Path, load_data: bool = True) -> RawCheckpoint:
     """:func:`read_gguf` as the :class:`~grn_core.checkpoint_files.RawCheckpoint` the loaders take (``grn.*``
-    metadata as in our safetensors files, so ``config_dict`` and the kind / layout / tasks lookups work as they are)."""
-    tensors, metadata = read_gguf(path)
+    metadata as in our safetensors files, so ``config_dict`` and the kind / layout / tasks lookups work as they are).
+    ``load_data=False``: the header alone (meta-device tensors), for inspecting a file."""
+    tensors, metadata = read_gguf(path, load_data=load_data)
     if not tensors:
         raise CheckpointError(f"{path}: the GGUF file holds no tensors.", path=path)
     return RawCheckpoint(Path(path), tensors, metadata)  # type: ignore[arg-type]

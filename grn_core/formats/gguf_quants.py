@@ -50,6 +50,7 @@ __all__ = [
     "SUPPORTED",
     "dequantize",
     "fits",
+    "nonfinite_blocks",
     "normalize_qtype",
     "pick_qtype",
     "qtype_by_id",
@@ -327,11 +328,18 @@ _DEQUANTIZERS = {
 }
 
 
+# Weights decoded per pass: a large matrix is decoded in pieces straight into its output, so the float32 temporaries
+# (8-13 bytes per weight of the piece, by type) stay bounded (~64-110 MB) whatever the matrix: the peak of decoding
+# a matrix is its output (2 bytes per weight in bf16) plus one piece, not 8-13 bytes per weight of the whole matrix.
+_DECODE_WEIGHTS = 1 << 23
+
+
 def dequantize(weight, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """``weight`` as a ``dtype`` tensor of its logical shape on ``device`` (default: where its bytes are).
 
     A :class:`GGUFWeight`'s bytes move to ``device`` first (the quantised size crosses the bus) and are decoded
-    there, in float32, then cast to ``dtype``; a plain tensor is only moved and cast.
+    there, in float32, then cast to ``dtype`` (matrices of more than ``_DECODE_WEIGHTS`` weights piece by piece into
+    the output: the same values, a bounded temporary); a plain tensor is only moved and cast.
     """
     if isinstance(weight, torch.Tensor):
         return weight.to(device=device, dtype=dtype)
@@ -343,8 +351,36 @@ def dequantize(weight, dtype: torch.dtype = torch.float32, device=None) -> torch
         flat = data.reshape(-1).view(kind.torch_dtype)
         return flat.reshape(weight.shape).to(dtype)
     blocks = data.reshape(-1, kind.nbytes).contiguous()
-    values = _DEQUANTIZERS[weight.qtype](blocks)
-    return values.reshape(weight.shape).to(dtype)
+    decode = _DEQUANTIZERS[weight.qtype]
+    step = max(1, _DECODE_WEIGHTS // kind.block)
+    if blocks.shape[0] <= step:
+        return decode(blocks).reshape(weight.shape).to(dtype)
+    out = torch.empty(blocks.shape[0], kind.block, dtype=dtype, device=blocks.device)
+    for start in range(0, blocks.shape[0], step):
+        out[start:start + step] = decode(blocks[start:start + step])  # copy_ casts as .to(dtype) does
+    return out.reshape(weight.shape)
+
+
+# Byte offsets of the f16 fields (scales, mins) of each quantised type's block: every other field is an integer code,
+# so a block decodes to finite values exactly when these are finite.
+_HALF_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def nonfinite_blocks(weight: GGUFWeight) -> int:
+    """How many blocks of ``weight`` decode to NaN or Inf values — those whose f16 scale or min is NaN or Inf — read
+    from those fields alone, without decoding (for a plain type: how many elements are NaN or Inf)."""
+    kind = weight.type
+    if not kind.quantized:
+        if not kind.torch_dtype.is_floating_point:
+            return 0
+        return int((~torch.isfinite(dequantize(weight, kind.torch_dtype))).sum())
+    halves = weight.data.reshape(-1, kind.nbytes).view(torch.float16)  # every block size is even
+    bad = None
+    for offset in _HALF_FIELDS[weight.qtype]:
+        field = ~torch.isfinite(halves[:, offset // 2])
+        bad = field if bad is None else bad | field
+    return int(bad.sum()) if bad is not None else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
