@@ -176,9 +176,13 @@ def step_advice(weight_dtype: str = "", offload: str = "", size: str = "", batch
                       f"{'; now ' + repr(offload) if offload else ''})")
     elif offload.startswith("blocks:"):
         advice.append(f"offload: stream more blocks than now ({offload!r}), or 'blocks' for all")
-    if not weight_dtype.startswith("fp8"):
-        advice.append(f"weight dtype: fp8_e4m3fn (half the refiner's weight memory"
-                      f"{'; now ' + weight_dtype if weight_dtype else ''})")
+    if weight_dtype.startswith("gguf:"):
+        if weight_dtype not in ("gguf:q4_k", "gguf:q4_0"):
+            advice.append(f"a smaller GGUF file: convert to q4_k (python -m grn_core.convert ... --dtype q4_k; now "
+                          f"{weight_dtype})")
+    elif not weight_dtype.startswith("fp8"):
+        advice.append(f"weight dtype: fp8_e4m3fn (half the refiner's weight memory), or a q8_0 GGUF file"
+                      f"{'; now ' + weight_dtype if weight_dtype else ''}")
     if size:
         advice.append(f"a smaller size or fewer frames (now {size}); activations grow with latent cells × frames")
     if batch > 1:
