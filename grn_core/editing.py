@@ -32,24 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .request import check_strength, strength_to_start  # noqa: F401  (part of this module's API)
+
 log = logging.getLogger(__name__)
 
 WHITE = 0.5  # a mask pixel at or above this value means "regenerate"
-
-
-def check_strength(strength: Any) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength) or \
-            not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength {strength!r} must be a number from 0 (keep the source) to 1 (regenerate fully).")
-    return float(strength)
-
-
-def strength_to_start(strength: float, steps: int) -> int:
-    """The sampler's start step for a strength: ``k = round((1 - strength) * steps)`` (0 <= k <= steps)."""
-    strength = check_strength(strength)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps {steps!r} must be an integer >= 1.")
-    return min(int(steps), max(0, int(round((1.0 - strength) * int(steps)))))
 
 
 def latent_frames_of(frames: int, temporal_factor: int) -> int:

@@ -477,7 +477,7 @@ def generate_tokens(
 def _edit_inputs(model: GRNModel, request: GenerationRequest, grid: tuple[int, int, int], settings: SamplerSettings
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
     """``init_bits`` / ``fixed`` / start step of a request, checked against its grid (ValueError naming the fix)."""
-    from .editing import check_strength, strength_to_start
+    from .request import check_strength, strength_to_start
 
     strength = check_strength(request.strength)
     init, fixed = request.init_bits, request.fixed

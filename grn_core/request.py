@@ -66,6 +66,22 @@ class SizeSpec:
     adaptive: Optional[AdaptiveSteps] = None  # the file's own calibrated rule (resolve_settings reads it)
 
 
+def check_strength(strength: Any) -> float:
+    """An edit's strength as a float in [0, 1] (0 keeps the source, 1 regenerates fully), or a ValueError."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength) or \
+            not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength {strength!r} must be a number from 0 (keep the source) to 1 (regenerate fully).")
+    return float(strength)
+
+
+def strength_to_start(strength: float, steps: int) -> int:
+    """The sampler's start step for a strength: ``k = round((1 - strength) * steps)`` (0 <= k <= steps)."""
+    strength = check_strength(strength)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps {steps!r} must be an integer >= 1.")
+    return min(int(steps), max(0, int(round((1.0 - strength) * int(steps)))))
+
+
 def frames_for_duration(duration: float, temporal_factor: int = 4) -> int:
     """Frames of a clip of ``duration`` seconds as the official pipeline makes it: ``F = min(81, int(d * 16 + 1))``,
     of which the causal tokenizer uses ``1 + 4 * ((F - 1) // 4)`` (0 s: an image)."""
