@@ -331,10 +331,36 @@ def load_from_args(args: argparse.Namespace):
     return model, encoder, model.default_task()
 
 
+def model_files(args: argparse.Namespace) -> list:
+    """The files ``load_from_args`` will read (for the parallel check that every rank has the same ones); a released
+    file not downloaded yet is left out (``--download`` fetches the same file on every rank)."""
+    if args.model == "tiny":
+        files = [TINY_DIR / "refiner.safetensors", TINY_DIR / "tokenizer.safetensors"]
+    elif args.model in MODEL_CHOICES:
+        from ..models import default_model_dir, released_files
+
+        files = list(released_files(args.model, Path(args.model_dir or default_model_dir())).values())
+    else:
+        files = [args.model, args.tokenizer, args.text_encoder, args.text_tokenizer]
+    return [Path(f) for f in files if f is not None and Path(f).is_file()]
+
+
 # ---- progress and Ctrl-C -----------------------------------------------------------------------------------------
 
 
+_QUIET = False  # set on every rank but 0 of a parallel run: only rank 0 prints progress and warnings
+
+
+def set_quiet(quiet: bool) -> None:
+    """``True``: no progress lines, stage labels or warnings from this process (the non-main ranks of a parallel
+    run; their errors are still printed, by ``cli.main``)."""
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
 def progress_enabled() -> bool:
+    if _QUIET:
+        return False
     try:
         return bool(sys.stderr.isatty())
     except (AttributeError, ValueError):
@@ -436,4 +462,6 @@ class CtrlC:
 
 
 def warn(message: str) -> None:
+    if _QUIET:
+        return
     print(f"warning: {message}", file=sys.stderr)

@@ -9,13 +9,24 @@ against the model's grid (read from its file header), frames, fps, seeds, the se
 the sidecar, the first-frame image. ``--out``'s missing folders are created. The video and its sidecar
 (``NAME.json``, marked ``"grn_sidecar": 1``) are written to temporary files and renamed into place together once both
 are complete; a ``NAME.json`` that exists and is not one of our sidecars is never overwritten.
+
+Several prompts: ``--prompts FILE`` (one prompt a line, blank lines skipped) makes ``OUT_stem_{i}.suffix`` (and its
+sidecar) for the i-th prompt (from 0), each with ``--seed``, so file i equals ``--prompt LINE_i --seed S`` alone.
+
+Several processes (``torchrun --nproc-per-node N -m grn_core generate ... --parallel MODE``, see
+:mod:`grn_core.runtime.distributed`): ``cfg`` (N = 2) splits the two guidance branches of every step between the two
+ranks; ``data`` (any N, with ``--prompts``) gives rank r the prompts i with i % N == r, each rank decoding its own and
+rank 0 writing them all. Only rank 0 prints progress and writes files; every rank checks that it has the same model
+files before loading them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import struct
 import time
 import zlib
@@ -25,13 +36,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..runtime.distributed import NOT_YET, PARALLEL_CHOICES, DEFAULT_TIMEOUT_S, CFGParallel, ParallelPlan, \
+    check_parallel_mode
+from ..sampler.loop import use_branches
 from ..media import StagedFile, check_fps, check_output, encode_frames, to_uint8
 from ..request import SizeSpec, negative_prompt, plan_size, prepare_first_frame, resolve_settings
 from ..sampler import StepInfo
 from ..sampler.states import STATE_COLOURS
 from .common import (CtrlC, ProgressLine, add_model_arguments, check_device, check_dtype, check_input_file,
-                     check_seeds, check_task, load_from_args, prepare_output_dir, preview_model, set_threads, stage,
-                     warn)
+                     check_seeds, check_task, load_from_args, model_files, prepare_output_dir, preview_model, set_quiet,
+                     set_threads, stage, warn)
 
 SIDECAR_MARK = "grn_sidecar"
 # Keys every sidecar written before the mark existed has: such a file is ours too and may be replaced.
@@ -88,6 +102,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "image or a .safetensors from `encode`)")
     parser.add_argument("--save-tokens", type=Path, default=None,
                         help="also write the final bits to T.safetensors ([1, rounds*d, t, h, w], as `encode`)")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="a text file, one prompt a line: OUT_stem_{i}.suffix for the i-th (from 0), each with "
+                             "--seed (instead of --prompt)")
+    parser.add_argument("--parallel", default=None, metavar="|".join(PARALLEL_CHOICES),
+                        help="under torchrun: cfg (2 processes, one guidance branch each) or data (--prompts spread "
+                             "over the processes); sp / cfg+sp are not implemented yet")
+    parser.add_argument("--parallel-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds a rank waits for the others before giving up with an error (default 1800)")
 
 
 def state_map_image(states: torch.Tensor, scale: int = 4):
@@ -173,7 +195,7 @@ def check_flags(args: argparse.Namespace, task: Optional[str]) -> None:
     if args.class_index is not None:
         raise ValueError(f"--class-index is for class-to-image models; this is a {task.upper()} request, which takes "
                          "--prompt. Drop --class-index, or use a class-to-image model (--model c2i-b).")
-    if args.prompt is None or not str(args.prompt).strip():
+    if (args.prompt is None or not str(args.prompt).strip()) and not getattr(args, "prompts", None):
         raise ValueError("--prompt is required for text-to-image/video: describe what to generate.")
     if task == "i2v" and args.image is None:
         raise ValueError("image-to-video needs --image (the first frame).")
@@ -198,16 +220,71 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
-    from ..pipeline import GenerationRequest, check_memory, decode_tokens, encode_prompt, generate_class_tokens, \
-        generate_tokens
+    parallel = _parallel_plan(args)
+    try:
+        return _run_on(args, ctrl_c, parallel)
+    finally:
+        parallel.close()
+        set_quiet(False)
+
+
+def _parallel_plan(args: argparse.Namespace) -> ParallelPlan:
+    """``--parallel`` against the environment torchrun set (checked before anything else); joins the group."""
+    mode = getattr(args, "parallel", None)
+    if mode is None:
+        return ParallelPlan.single(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    check_parallel_mode(mode, world)
+    if mode == "data" and getattr(args, "prompts", None) is None:
+        raise ValueError("--parallel data spreads prompts over the processes: give --prompts FILE (one prompt a "
+                         "line). For one prompt use --parallel cfg (2 processes).")
+    if "WORLD_SIZE" not in os.environ:  # data parallel over 1 process: no group needed
+        return ParallelPlan.single(args.device)
+    args.device = check_device(args.device)
+    plan = ParallelPlan.from_env(args.device, timeout_s=getattr(args, "parallel_timeout", DEFAULT_TIMEOUT_S))
+    args.device = str(plan.device)
+    set_quiet(not plan.is_main)
+    return plan
+
+
+def _read_prompts(args: argparse.Namespace) -> Optional[list]:
+    """``--prompts FILE``: its non-blank lines (flags that do not fit several prompts refused)."""
+    if getattr(args, "prompts", None) is None:
+        return None
+    if args.prompt is not None:
+        raise ValueError("--prompt and --prompts both give the prompt; use one.")
+    for flag, value in (("--image", args.image), ("--init", args.init), ("--extend", args.extend),
+                        ("--mask", args.mask), ("--preview-dir", args.preview_dir),
+                        ("--class-index", args.class_index)):
+        if value is not None:
+            raise ValueError(f"{flag} is not supported with --prompts yet; run those requests one by one (--prompt).")
+    path = check_input_file("--prompts", args.prompts)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({error.reason}); save it as UTF-8.") from error
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt; write one prompt a line.")
+    return prompts
+
+
+def _numbered(path: Optional[Path], i: int) -> Optional[Path]:
+    return None if path is None else path.with_name(f"{path.stem}_{i}{path.suffix}")
+
+
+def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> int:
+    from ..pipeline import check_memory, decode_tokens, encode_prompt, generate_class_tokens
 
     started = time.perf_counter()
+    main_rank = parallel.is_main
     # 1. What the flags alone decide: no model, no weights read (a mistake costs milliseconds).
     args.device = check_device(args.device)
     check_dtype(args.dtype)
     set_threads(args)
     check_seeds("--seed", args.seed)
     check_fps(args.fps, "--fps")
+    prompts = _read_prompts(args)
     preview = preview_model(args)
     task = preview.task(args.task)
     check_task(preview, task)
@@ -215,10 +292,13 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a file name such as {args.out / 'grn_out.mp4'}.")
     out = check_output(args.out)
-    check_sidecar(out)
-    prepare_output_dir("--out", out.parent if str(out.parent) else Path("."))
-    if args.preview_dir is not None:
-        prepare_output_dir("--preview-dir", args.preview_dir)
+    outs = [out] if prompts is None else [_numbered(out, i) for i in range(len(prompts))]
+    if main_rank:  # only rank 0 writes: only its file system matters
+        for path in outs:
+            check_sidecar(path)
+        prepare_output_dir("--out", out.parent if str(out.parent) else Path("."))
+        if args.preview_dir is not None:
+            prepare_output_dir("--preview-dir", args.preview_dir)
     rule = None
     if args.adaptive_rule is not None:
         from ..calibration import read_rule
@@ -233,18 +313,25 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
     else:  # factors or task unknown until loaded: refuse only what no released tokenizer (at most 16 px a cell) allows
         plan_size(SizeSpec(), task or "t2v", args.width, args.height, args.frames, duration=args.duration,
                   resolution=args.resolution, h_over_w=args.aspect)
+    if parallel.active:
+        parallel.check_same_files(model_files(args))
 
     # 2. The model; then the same checks with it (the authority), and the memory the request needs.
     with stage("loading the model"):
         model, encoder, default_task = load_from_args(args)
     task = args.task or default_task
     check_flags(args, task)
+    if args.parallel == "cfg" and task == "c2i":
+        raise ValueError("--parallel cfg splits the text guidance branches; class-to-image is not supported yet. Run "
+                         "it without --parallel.")
     _size_from_tokens(args, edit, model)
     plan, settings = _check_plan(args, model, task, out, rule)
     if plan.snapped:
         warn(f"making {plan.note}.")
     negative = negative_prompt(model, task, args.negative)
     check_memory(model, plan.width, plan.height, plan.frames, task, settings.guidance)
+    if args.parallel == "cfg" and settings.guidance == 1.0:
+        warn("--parallel cfg with guidance 1: there is no unconditional branch, rank 1 only waits.")
 
     progress = ProgressLine()
     if args.preview_dir is not None:
@@ -254,7 +341,7 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
 
     def on_step(info: StepInfo) -> None:
         progress(info.step + 1, info.total_steps, info.entropy[0])
-        if args.preview_dir is not None:
+        if args.preview_dir is not None and main_rank:
             state_map_image(info.token_states[0]).save(args.preview_dir / f"step{info.step:03d}_states.png")
             if info.preview is not None:
                 _preview_image(info.preview).save(args.preview_dir / f"step{info.step:03d}_rgb.png")
@@ -267,34 +354,64 @@ def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
                                                callback=on_step)
         finally:
             progress.close()
+        jobs = [(0, args, tokens)]
     else:
-        with stage("encoding the prompt"):
-            feats = encode_prompt(model, encoder, args.prompt, negative, task=task,
-                                  need_uncond=settings.guidance != 1.0)
-        image = prepare_first_frame(picture, plan.width, plan.height) if picture is not None else None
-        init_bits, fixed, strength = _edit_request(args, edit, model, plan, settings)
-        request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,
-                                    settings=settings, init_bits=init_bits, fixed=fixed, strength=strength)
-        try:
-            with ctrl_c.cooperative(model.refiner):
-                tokens = generate_tokens(model, feats, request, first_frame=image, callback=on_step,
-                                         preview=args.preview_dir is not None)
-        finally:
-            progress.close()
-    with stage("decoding"):
-        video = decode_tokens(model, tokens)[0]
-    with stage(f"writing {out}"):
-        _write_outputs(out, video, args, task, negative, plan, settings, tokens, started)
-    if args.save_tokens is not None:
-        from .encode import tokens_metadata, write_tokens
+        branches = CFGParallel(parallel) if args.parallel == "cfg" else None
+        mine = parallel.shard(len(outs)) if args.parallel == "data" else list(range(len(outs)))
+        jobs = []
+        for i in mine:
+            job_args = args if prompts is None else argparse.Namespace(**{**vars(args), "prompt": prompts[i]})
+            tokens = _sample_prompt(job_args, model, encoder, task, negative, plan, settings, picture, edit, ctrl_c,
+                                    on_step, progress, branches)
+            jobs.append((i, job_args, tokens))
+    if args.parallel == "cfg" and not main_rank:
+        return 0  # rank 1 helped sample; rank 0 decodes and writes
+    done = []  # (index, uint8 pixels, sidecar text, bits or None, summary)
+    for i, job_args, tokens in jobs:
+        with stage("decoding"):
+            video = decode_tokens(model, tokens)[0]
+        text = sidecar_text(outs[i], job_args, task, negative, plan, settings, tokens, int(video.shape[0]), started)
+        result = tokens.sampling
+        done.append((i, to_uint8(video), text, tokens.bits[:1].cpu() if args.save_tokens is not None else None,
+                     (int(video.shape[0]), result.steps[0], result.nfe[0])))
+    if args.parallel == "data" and parallel.active:
+        gathered = parallel.gather_object(done, "collecting the generated videos on rank 0")
+        if not main_rank:
+            return 0
+        done = sorted((item for part in gathered for item in part), key=lambda item: item[0])
+    for i, pixels, text, bits, (frames, steps, nfe) in done:
+        with stage(f"writing {outs[i]}"):
+            _write_files(outs[i], pixels, text, float(args.fps))
+        if args.save_tokens is not None:
+            from .encode import tokens_metadata, write_tokens
 
-        with stage(f"writing {args.save_tokens}"):
-            write_tokens(args.save_tokens, tokens.bits[:1],
-                         tokens_metadata(model, tokens.bits, seed=args.seed, output=out), sidecar=False)
-    result = tokens.sampling
-    print(f"wrote {out} ({int(video.shape[0])} frames, {result.steps[0]} steps, {result.nfe[0]} network passes, "
-          f"{time.perf_counter() - started:.1f} s)")
+            target = args.save_tokens if prompts is None else _numbered(Path(args.save_tokens), i)
+            with stage(f"writing {target}"):
+                write_tokens(target, bits, tokens_metadata(model, bits, seed=args.seed, output=outs[i]),
+                             sidecar=False)
+        print(f"wrote {outs[i]} ({frames} frames, {steps} steps, {nfe} network passes, "
+              f"{time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def _sample_prompt(args: argparse.Namespace, model: Any, encoder: Any, task: str, negative: str, plan, settings,
+                   picture: Any, edit: dict, ctrl_c: CtrlC, on_step, progress: ProgressLine, branches: Any):
+    """One text request's tokens (``branches``: the sampler's branch strategy, None for this process alone)."""
+    from ..pipeline import GenerationRequest, encode_prompt, generate_tokens
+
+    with stage("encoding the prompt"):
+        feats = encode_prompt(model, encoder, args.prompt, negative, task=task, need_uncond=settings.guidance != 1.0)
+    image = prepare_first_frame(picture, plan.width, plan.height) if picture is not None else None
+    init_bits, fixed, strength = _edit_request(args, edit, model, plan, settings)
+    request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,
+                                settings=settings, init_bits=init_bits, fixed=fixed, strength=strength)
+    try:
+        with ctrl_c.cooperative(model.refiner), (use_branches(branches) if branches is not None
+                                                 else contextlib.nullcontext()):
+            return generate_tokens(model, feats, request, first_frame=image, callback=on_step,
+                                   preview=args.preview_dir is not None)
+    finally:
+        progress.close()
 
 
 def _read_edit_inputs(args: argparse.Namespace, task: Optional[str]) -> dict:
@@ -469,11 +586,15 @@ def _write_outputs(out: Path, video: torch.Tensor, args: argparse.Namespace, tas
                    settings, tokens, started: float) -> None:
     """The video and its sidecar: both written to temporary files, then renamed into place (nothing on failure)."""
     text = sidecar_text(out, args, task, negative, plan, settings, tokens, int(video.shape[0]), started)
-    pixels = to_uint8(video)
+    _write_files(out, to_uint8(video), text, float(args.fps))
+
+
+def _write_files(out: Path, pixels: Any, text: str, fps: float) -> None:
+    """uint8 frames and the sidecar text, staged and renamed into place together."""
     sidecar = check_sidecar(out)  # again: a file may have appeared there while the run went on
     try:
         with StagedFile(out) as staged_video, StagedFile(sidecar) as staged_sidecar:
-            encode_frames(pixels, staged_video.temp, out.suffix.lower(), float(args.fps))
+            encode_frames(pixels, staged_video.temp, out.suffix.lower(), fps)
             staged_sidecar.temp.write_text(text + "\n", encoding="utf-8")
             staged_video.commit()
             staged_sidecar.commit()

@@ -47,6 +47,15 @@ Editing (the token map as a canvas: ``init_bits``, ``fixed``, ``start_step``; ``
   Adaptive steps decide the step count at step ``warmup`` of a run that starts at 0, so ``0 < k < T`` with
   ``settings.adaptive`` is refused (use fixed steps).
 
+Parallel sampling (the seam): the loop is handed a *branch strategy* that turns one step's inputs into the
+``(cond, uncond)`` logits: ``branches.logits(refiner, bits, step_value, text_cond, text_uncond_or_None,
+aspect_ratio=..., first_frame_bits=...)``. The default, :class:`LocalBranches`, is one ``refiner.step_logits`` call on
+this process; ``grn_core.runtime.distributed.CFGParallel`` computes one branch per rank and exchanges the logits. A
+strategy must return on every rank exactly the logits one process would compute; everything after it (the fused step,
+the random numbers, retirement) is the same code on every rank, so ranks stay in lockstep. Pass it as
+``sample_bits(..., branches=...)``, or around callers that do not take the argument (``pipeline.generate_tokens``)
+as ``with use_branches(strategy): ...``.
+
 Code: ``sample_bits`` = ``_validate`` (every check before any work) -> ``_prepare`` (Z, x_0, r_0 as columns of
 the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advance``, ``_report``, retirement)
 -> ``_finish`` (the stored final samples, I2V first frame prepended).
@@ -54,11 +63,13 @@ the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advan
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -131,6 +142,27 @@ def resolve_kernel(kernel: str, device: torch.device) -> bool:
         raise ValueError(f"kernel='triton' on {device} needs TRITON_INTERPRET=1 (set before importing triton); "
                          "use kernel='auto' to run the torch reference there")
     return True
+
+
+class LocalBranches:
+    """The default branch strategy: both guidance branches in one ``refiner.step_logits`` call on this process."""
+
+    def logits(self, refiner: Any, bits: torch.Tensor, step_value: torch.Tensor, text_cond: Any,
+               text_uncond: Optional[Any], **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return refiner.step_logits(bits, step_value, text_cond, text_uncond, **kwargs)
+
+
+_BRANCHES: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("grn_branches", default=None)
+
+
+@contextlib.contextmanager
+def use_branches(strategy: Any) -> Iterator[None]:
+    """Every ``sample_bits`` call inside (that is not handed ``branches=``) uses ``strategy``."""
+    token = _BRANCHES.set(strategy)
+    try:
+        yield
+    finally:
+        _BRANCHES.reset(token)
 
 
 class TextBranch:
@@ -224,6 +256,7 @@ class _BitPlan:
     seeds: List[int]
     device: torch.device
     use_triton: bool
+    branches: Any = None        # the branch strategy (LocalBranches, CFGParallel, ...)
 
     @property
     def tokens(self) -> int:
@@ -262,6 +295,7 @@ def sample_bits(
     init_bits: Optional[torch.Tensor] = None,
     fixed: Optional[torch.Tensor] = None,
     start_step: int = 0,
+    branches: Any = None,
 ) -> SamplingResult:
     """Sample bit maps with a GRN_bit refiner (T2I: t = 1; T2V; I2V with ``first_frame_bits``).
 
@@ -283,11 +317,13 @@ def sample_bits(
         preview_fn: called with the current full sample bits ``[n, rounds*d, t_gen, h, w]`` every
             ``settings.preview_every`` steps; its return value is put in ``StepInfo.preview``.
         init_bits / fixed / start_step: refine or inpaint a source (module docstring, "Editing").
+        branches: how a step's logits are computed (module docstring, "Parallel sampling"); default the one set
+            by ``use_branches``, else :class:`LocalBranches`.
     Returns:
         ``SamplingResult`` with ``bits`` uint8 ``[B, rounds*d, t, h, w]`` (I2V: given frame first).
     """
     plan = _validate(refiner, text_cond, text_uncond, grid, batch_size, seed, settings, aspect_ratio,
-                     first_frame_bits, device, init_bits, fixed, start_step)
+                     first_frame_bits, device, init_bits, fixed, start_step, branches)
     if plan.start_step >= plan.settings.steps:
         return _unchanged(plan)
     run = _prepare(plan)
@@ -300,7 +336,7 @@ def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], 
               batch_size: int, seed: Optional[int], settings: Optional[SamplerSettings],
               aspect_ratio: Optional[float], first_frame_bits: Optional[torch.Tensor],
               device: Optional[torch.device], init_bits: Optional[torch.Tensor] = None,
-              fixed: Optional[torch.Tensor] = None, start_step: int = 0) -> _BitPlan:
+              fixed: Optional[torch.Tensor] = None, start_step: int = 0, branches: Any = None) -> _BitPlan:
     """Check every argument before any work (a bad input never costs a model call) and fix the run's sizes."""
     settings = (settings or SamplerSettings()).validate()
     config = refiner.config
@@ -339,6 +375,7 @@ def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], 
         first_frame_bits=first_frame_bits, init_bits=init_bits, fixed=fixed, start_step=start_step,
         seeds=seeds, device=device,
         use_triton=resolve_kernel(settings.kernel, device),
+        branches=branches if branches is not None else (_BRANCHES.get() or LocalBranches()),
     )
 
 
@@ -479,15 +516,16 @@ def _logits(plan: _BitPlan, run: _BitRun, with_uncond: bool) -> Tuple[torch.Tens
     """One refiner call on the running rows -> cond (and, when a row is guided, uncond) logits [R, T, D, 2].
 
     The refiner sees x_i as bits ``[R, D, t, h, w]`` and each row's realised kept fraction r_i as its step
-    value. Without a guided row the unconditional branch is not computed at all.
+    value. Without a guided row the unconditional branch is not computed at all. ``plan.branches`` decides where
+    the branches run (this process, or one per rank).
     """
     batch = run.batch
     rows = len(batch)
     bits_in = batch["x"].view(rows, plan.t_gen, plan.h, plan.w, plan.n_bits).permute(0, 4, 1, 2, 3).contiguous()
     step_value = torch.tensor(batch["fraction"], dtype=torch.float32, device=plan.device)
-    cond, uncond = plan.refiner.step_logits(bits_in, step_value, plan.branch_c.current(),
-                                            plan.branch_u.current() if with_uncond else None,
-                                            aspect_ratio=plan.aspect_ratio, first_frame_bits=batch.get("first"))
+    cond, uncond = plan.branches.logits(plan.refiner, bits_in, step_value, plan.branch_c.current(),
+                                        plan.branch_u.current() if with_uncond else None,
+                                        aspect_ratio=plan.aspect_ratio, first_frame_bits=batch.get("first"))
     batch.ledger.model_call(rows)
     expected = (rows, plan.t_gen, plan.h, plan.w, plan.n_bits, 2)
     if tuple(cond.shape) != expected or (with_uncond and (uncond is None or tuple(uncond.shape) != expected)):
@@ -591,5 +629,5 @@ def official_keep_fractions(steps: int, cap: float, shift: float = 1.0) -> Seque
     return [bit_keep_fraction(i, steps, cap, shift) for i in range(steps)]
 
 
-__all__ = ["NonFiniteLogitsError", "check_finite_step", "check_seed_range", "sample_bits",
+__all__ = ["LocalBranches", "use_branches", "NonFiniteLogitsError", "check_finite_step", "check_seed_range", "sample_bits",
            "official_keep_fractions", "resolve_kernel", "model_device"]

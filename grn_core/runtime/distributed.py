@@ -1,0 +1,278 @@
+"""Several processes (GPUs, machines) on ``torch.distributed``: the plan torchrun sets up, and the parallel strategies.
+
+``torchrun --nproc-per-node N -m grn_core generate ... --parallel cfg|data`` starts N copies of the command; each reads
+its place from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``).
+:class:`ParallelPlan` turns that into a process group (NCCL on CUDA, gloo on the CPU), one device per local rank and a
+timeout policy; :class:`CFGParallel` is the sampler strategy of ``--parallel cfg`` (``grn_core.sampler.loop``'s
+``branches=``); data parallel needs no strategy (each rank samples its own prompts with the default local one).
+
+Failure policy: every collective runs with the plan's timeout (``init_process_group(timeout=...)``), and any failure of
+one (a rank died, the network went away, the timeout passed) becomes :class:`DistributedError` (a ``ValueError``, so
+the command line prints ``error: ...`` and exits 2) naming this rank and the operation. A rank never waits forever for
+a dead peer: gloo reports a closed connection at once, and otherwise the timeout ends the wait. (With NCCL, torch's
+watchdog enforces the timeout by aborting the process.)
+
+Same model everywhere: :meth:`ParallelPlan.check_same_files` compares a fingerprint of every model file (name, size,
+SHA-256 of its first MiB) across ranks before anything is loaded, so a rank with another checkpoint (a different
+``--model-dir`` on one machine) is refused with the ranks and files named, instead of giving silently wrong images.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+PARALLEL_CHOICES = ("cfg", "data")
+NOT_YET = ("sp", "cfg+sp")          # Ulysses sequence parallel: accepted names, refused with "not implemented yet"
+DEFAULT_TIMEOUT_S = 1800.0          # torch's own default for gloo and NCCL collectives
+FINGERPRINT_BYTES = 1 << 20
+
+
+class DistributedError(ValueError):
+    """A collective failed or timed out (a rank died, the network broke), or the ranks disagree (other files)."""
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise DistributedError(f"{name} is not set: start the command with torchrun (torchrun --nproc-per-node N "
+                                   "-m grn_core generate ... --parallel cfg|data)")
+        return default
+    try:
+        return int(value)
+    except ValueError as error:
+        raise DistributedError(f"{name}={value!r} is not an integer (set by torchrun)") from error
+
+
+def file_fingerprint(path: Any) -> Tuple[str, int, str]:
+    """``(file name, size in bytes, SHA-256 of the first MiB)``: cheap even for 30 GB files, and different for every
+    released checkpoint (their headers and first tensors differ)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(FINGERPRINT_BYTES)
+    return path.name, path.stat().st_size, hashlib.sha256(head).hexdigest()
+
+
+@dataclass
+class ParallelPlan:
+    """This process's place in the group: ``rank`` of ``world_size``, ``local_rank`` on its machine, its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None       # None: a single process, no group
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints progress and writes files."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    @classmethod
+    def single(cls, device: Any = "cpu") -> "ParallelPlan":
+        return cls(device=torch.device(device))
+
+    @classmethod
+    def from_env(cls, device: Any = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> "ParallelPlan":
+        """The plan torchrun's environment describes; inits the process group (NCCL for ``cuda`` devices, gloo for
+        the CPU) once. ``device``: the requested device; ``cuda``/``cuda:N`` becomes ``cuda:LOCAL_RANK``."""
+        import torch.distributed as dist
+
+        if timeout_s is None or not timeout_s > 0:
+            raise DistributedError(f"the parallel timeout must be > 0 seconds, got {timeout_s!r}")
+        world = _env_int("WORLD_SIZE")
+        rank = _env_int("RANK")
+        local = _env_int("LOCAL_RANK", rank)
+        if not 0 <= rank < world:
+            raise DistributedError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
+        wanted = torch.device(device)
+        if wanted.type == "cuda":
+            if local >= torch.cuda.device_count():
+                raise DistributedError(f"rank {rank}: LOCAL_RANK={local} but this machine has "
+                                       f"{torch.cuda.device_count()} CUDA devices; start at most that many processes "
+                                       "per machine (--nproc-per-node)")
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+            backend = "nccl"
+        else:
+            dev, backend = wanted, "gloo"
+        if not dist.is_initialized():
+            try:
+                dist.init_process_group(backend, rank=rank, world_size=world,
+                                        timeout=datetime.timedelta(seconds=float(timeout_s)))
+            except (RuntimeError, ValueError) as error:
+                raise DistributedError(f"rank {rank}: could not join the group of {world} processes ({backend}, "
+                                       f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                                       f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {_first_line(error)}") from error
+        return cls(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend,
+                   timeout_s=float(timeout_s))
+
+    # ---- collectives, each wrapped into the failure policy ------------------------------------------------------
+
+    def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one collective; a failure (dead peer, timeout) becomes :class:`DistributedError` naming the rank."""
+        try:
+            return fn()
+        except DistributedError:
+            raise
+        except (RuntimeError, ConnectionError, OSError) as error:  # DistBackendError is a RuntimeError
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed — another rank stopped or did not answer "
+                f"within {self.timeout_s:g} s ({_first_line(error)}). Look at the other ranks' errors; nothing was "
+                "written.") from error
+
+    def barrier(self, what: str = "barrier") -> None:
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        # A barrier as an all_reduce of one number: it honours the group's timeout on every backend.
+        flag = torch.zeros(1, device=self.device)
+        self.guarded(what, lambda: dist.all_reduce(flag))
+
+    def all_gather_object(self, obj: Any, what: str) -> List[Any]:
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world_size
+        self.guarded(what, lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def gather_object(self, obj: Any, what: str) -> Optional[List[Any]]:
+        """Rank 0 gets every rank's ``obj`` (others get None)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: Optional[List[Any]] = [None] * self.world_size if self.is_main else None
+        self.guarded(what, lambda: dist.gather_object(obj, out, dst=0))
+        return out
+
+    def check_same_files(self, paths: Sequence[Any]) -> None:
+        """Every rank names the same model files (by fingerprint): else :class:`DistributedError` naming the ranks."""
+        mine = [file_fingerprint(p) for p in paths]
+        every = self.all_gather_object(mine, "comparing the model files between ranks")
+        bad = [r for r, theirs in enumerate(every) if theirs != every[0]]
+        if bad:
+            def show(prints):
+                return ", ".join(f"{name} ({size} bytes, sha256 of first MiB {digest[:12]})"
+                                 for name, size, digest in prints)
+            raise DistributedError(
+                f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} loaded other model files than rank 0: "
+                f"rank 0 has {show(every[0])}; rank {bad[0]} has {show(every[bad[0]])}. Give every rank the same "
+                "files (same --model / --model-dir contents on every machine).")
+
+    def shard(self, count: int) -> List[int]:
+        """Data parallel: the item indices this rank takes (round robin: i % world_size == rank)."""
+        return list(range(self.rank, count, self.world_size))
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                try:
+                    dist.destroy_process_group()
+                except Exception:  # noqa: BLE001 - best effort on the way out (a peer may be gone)
+                    pass
+            self.backend = None
+
+
+def check_parallel_mode(mode: Optional[str], world_size: int) -> None:
+    """``--parallel`` against the number of processes (ValueError listing what fits)."""
+    if mode is None:
+        return
+    if mode in NOT_YET:
+        raise ValueError(f"--parallel {mode} (Ulysses sequence parallel) is not implemented yet; use --parallel cfg "
+                         "(2 processes: the two guidance branches) or --parallel data (any number: prompts spread "
+                         "over the processes).")
+    if mode not in PARALLEL_CHOICES:
+        raise ValueError(f"--parallel {mode!r}: use one of {', '.join(PARALLEL_CHOICES)} "
+                         f"(not yet: {', '.join(NOT_YET)}).")
+    if mode == "cfg" and world_size != 2:
+        raise ValueError(f"--parallel cfg needs exactly 2 processes (rank 0 the conditional branch, rank 1 the "
+                         f"unconditional one), got {world_size}. Valid choices: torchrun --nproc-per-node 2 ... "
+                         f"--parallel cfg; or --parallel data with any number of processes (with --prompts FILE).")
+
+
+class CFGParallel:
+    """Sampler strategy for ``--parallel cfg`` (world size 2): rank 0 computes the conditional branch, rank 1 the
+    unconditional one, and the two exchange their logits (one ``all_gather`` of ``[rows, t, h, w, bits, 2]`` per
+    guided step), so both ranks hold the same ``(cond, uncond)`` as one process would and run the same fused step with
+    the same random numbers: they stay in lockstep and give the single-process bits exactly.
+
+    Steps without guidance (guidance 1, outside the interval): rank 0 computes the conditional branch and broadcasts it;
+    rank 1 waits (idle, but in step). Each branch is computed as the *conditional* branch of a one-branch pass (rank 1
+    passes the negative text as ``text_cond``), which on the same hardware gives the values of the two-branch pass.
+    """
+
+    def __init__(self, plan: ParallelPlan):
+        if plan.world_size != 2:
+            check_parallel_mode("cfg", plan.world_size)
+        self.plan = plan
+        self._dtype: Optional[torch.dtype] = None   # the logits' dtype, learnt on the first exchange
+
+    def logits(self, refiner: Any, bits: torch.Tensor, step_value: torch.Tensor, text_cond: Any,
+               text_uncond: Optional[Any], **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        import torch.distributed as dist
+
+        plan = self.plan
+        if text_uncond is None:  # unguided: rank 0 computes, rank 1 receives
+            if plan.is_main:
+                cond, _ = refiner.step_logits(bits, step_value, text_cond, None, **kwargs)
+                cond = cond.contiguous()
+            if self._dtype is None:  # rank 1 cannot know the compute dtype yet: one small header, once per run
+                code = torch.tensor([_DTYPES.index(cond.dtype) if plan.is_main else -1], device=plan.device)
+                plan.guarded("sharing the logits' dtype", lambda: dist.broadcast(code, src=0))
+                self._dtype = _DTYPES[int(code.item())]
+            if not plan.is_main:
+                cond = torch.empty(_logits_shape(refiner, bits), dtype=self._dtype, device=bits.device)
+            plan.guarded("receiving the conditional logits", lambda: dist.broadcast(cond, src=0))
+            return cond, None
+        mine, _ = refiner.step_logits(bits, step_value, text_cond if plan.is_main else text_uncond, None, **kwargs)
+        mine = mine.contiguous()
+        self._dtype = mine.dtype
+        both = [torch.empty_like(mine), torch.empty_like(mine)]
+        plan.guarded("exchanging the guidance branches' logits", lambda: dist.all_gather(both, mine))
+        return both[0], both[1]
+
+
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _logits_shape(refiner: Any, bits: torch.Tensor) -> Tuple[int, ...]:
+    rows, n_bits, t, h, w = bits.shape
+    return (rows, t, h, w, n_bits, 2)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0][:300] if text else type(error).__name__)
+
+
+def logits_exchange_bytes(rows: int, tokens: int, n_bits: int, bytes_per_value: int = 4) -> int:
+    """Bytes one rank sends per guided CFG-parallel step: its branch's logits ``[rows, tokens, bits, 2]``."""
+    return rows * tokens * n_bits * 2 * bytes_per_value
+
+
+def ulysses_bytes(seq: int, width: int, depth: int, bytes_per_value: int = 2, tensors: int = 4) -> int:
+    """Bytes moved by Ulysses all-to-alls per step (q, k, v before attention, out after it, per layer):
+    ``tensors * seq * width * bytes * depth`` (each rank sends (world-1)/world of it)."""
+    return tensors * seq * width * bytes_per_value * depth
+
+
+__all__ = ["CFGParallel", "DistributedError", "NOT_YET", "PARALLEL_CHOICES", "ParallelPlan", "check_parallel_mode",
+           "file_fingerprint", "logits_exchange_bytes", "ulysses_bytes"]

@@ -1,0 +1,195 @@
+"""Several processes on torch.distributed (gloo on the CPU, 127.0.0.1 only): ``--parallel cfg`` and ``--parallel data``
+give the single-process bits exactly; mismatched model files and a rank that dies are clear errors, never a hang.
+
+Each case spawns 2 fresh processes (``multiprocessing`` spawn, not ``torch.multiprocessing.spawn``: that one kills the
+survivors as soon as one process fails, and the dying-rank case needs the survivor's own error). A worker writes what
+happened to ``rank{r}.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grn_core.cli import main
+from grn_core.runtime.distributed import (CFGParallel, DistributedError, ParallelPlan, check_parallel_mode,
+                                          logits_exchange_bytes)
+
+PROMPT = "a red circle moving right"
+FLAGS = ["--steps", "4", "--guidance", "3", "--guidance-interval", "0.3", "--seed", "5"]  # unguided + guided steps
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, job: str, arg, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict = {}
+    started = time.monotonic()
+    try:
+        if job == "cli":
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+                result["rc"] = main(arg)
+            result["stderr"], result["stdout"] = err.getvalue(), out.getvalue()
+        elif job == "files":
+            plan = ParallelPlan.from_env("cpu", timeout_s=20)
+            try:
+                plan.check_same_files([arg[rank]])
+            finally:
+                plan.close()
+        elif job == "die":
+            _die_mid_run(rank)
+    except Exception as error:  # noqa: BLE001 - the test reads it
+        result["error"] = f"{type(error).__name__}: {error}"
+    result["seconds"] = time.monotonic() - started
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _die_mid_run(rank: int) -> None:
+    from grn_core.models import load_tiny
+    from grn_core.pipeline import encode_prompt
+    from grn_core.sampler import SamplerSettings, sample_bits
+
+    plan = ParallelPlan.from_env("cpu", timeout_s=5)
+    model = load_tiny()
+    feats = encode_prompt(model, model.text_encoder, PROMPT, "", task="t2v", need_uncond=True)
+
+    def callback(info):
+        if rank == 1 and info.step == 1:
+            os._exit(3)  # a crash: no clean-up, no goodbye to the group
+
+    sample_bits(model.refiner, feats.cond, feats.uncond, grid=(3, 4, 4), seed=1,
+                settings=SamplerSettings(steps=6, guidance=3.0), callback=callback, branches=CFGParallel(plan))
+
+
+def _spawn(job: str, arg, folder: Path, world: int = 2, timeout: float = 60.0) -> list:
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, job, arg, str(folder))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s: a hang"
+    return [json.loads((folder / f"rank{r}.json").read_text()) if (folder / f"rank{r}.json").exists() else None
+            for r in range(world)]
+
+
+def _bits(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["bits"]
+
+
+def _generate(tmp: Path, name: str, *extra: str) -> list:
+    return ["generate", "--model", "tiny", *FLAGS, "--out", str(tmp / f"{name}.webp"),
+            "--save-tokens", str(tmp / f"{name}.safetensors"), *extra]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cfg_parallel_gives_the_single_process_bits(tmp_path, one_thread):
+    assert main(_generate(tmp_path, "single", "--prompt", PROMPT)) == 0
+    results = _spawn("cli", _generate(tmp_path, "cfg", "--prompt", PROMPT, "--parallel", "cfg"), tmp_path)
+    assert [r["rc"] for r in results] == [0, 0], results
+    assert "wrote" in results[0]["stdout"] and results[1]["stdout"] == "" and results[1]["stderr"] == ""
+    assert torch.equal(_bits(tmp_path / "cfg.safetensors"), _bits(tmp_path / "single.safetensors"))
+    assert (tmp_path / "cfg.webp").read_bytes() == (tmp_path / "single.webp").read_bytes()
+    sidecar = json.loads((tmp_path / "cfg.json").read_text())
+    assert sidecar["nfe"] == json.loads((tmp_path / "single.json").read_text())["nfe"] == 6  # 2 unguided + 2 guided
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cfg")) == \
+        ["cfg.json", "cfg.safetensors", "cfg.webp"]  # rank 1 wrote nothing
+
+
+def test_data_parallel_gives_each_prompts_single_process_bits(tmp_path, one_thread):
+    prompts = [PROMPT, "a blue square", "a green dot"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n", encoding="utf-8")
+    results = _spawn("cli", _generate(tmp_path, "dp", "--prompts", str(tmp_path / "prompts.txt"),
+                                      "--parallel", "data"), tmp_path)
+    assert [r["rc"] for r in results] == [0, 0], results
+    assert results[0]["stdout"].count("wrote") == 3 and results[1]["stdout"] == ""
+    for i in (0, 2):  # rank 0 sampled prompt 0 and 2, rank 1 prompt 1: compare one of each with a lone run
+        assert main(_generate(tmp_path, f"lone{i}", "--prompt", prompts[i])) == 0
+        assert torch.equal(_bits(tmp_path / f"dp_{i}.safetensors"), _bits(tmp_path / f"lone{i}.safetensors"))
+    assert main(_generate(tmp_path, "lone1", "--prompt", prompts[1])) == 0
+    assert torch.equal(_bits(tmp_path / "dp_1.safetensors"), _bits(tmp_path / "lone1.safetensors"))
+    assert json.loads((tmp_path / "dp_1.json").read_text())["prompt"] == prompts[1]
+
+
+def test_mismatched_model_files_are_refused_naming_the_ranks(tmp_path):
+    a, b = tmp_path / "refiner.safetensors", tmp_path / "other" / "refiner.safetensors"
+    b.parent.mkdir()
+    a.write_bytes(b"\0" * 1000)
+    b.write_bytes(b"\0" * 999 + b"\1")
+    results = _spawn("files", [str(a), str(b)], tmp_path)
+    for r in results:
+        assert "DistributedError" in r["error"] and "rank 1 loaded other model files than rank 0" in r["error"], r
+        assert "refiner.safetensors" in r["error"]
+    same = _spawn("files", [str(a), str(a)], tmp_path)
+    assert all("error" not in r for r in same), same
+
+
+def test_a_rank_that_dies_mid_run_ends_the_other_with_an_error(tmp_path):
+    results = _spawn("die", None, tmp_path, timeout=45)
+    assert results[1] is None  # it died without a word
+    survivor = results[0]
+    assert "DistributedError" in survivor["error"] and "rank 0 of 2" in survivor["error"], survivor
+    assert "another rank stopped or did not answer within 5 s" in survivor["error"]
+    assert survivor["seconds"] < 30
+
+
+def test_parallel_flag_choices_are_checked_before_any_work(tmp_path, capsys):
+    for mode, world, words in (("cfg", 3, "exactly 2 processes"), ("cfg", 1, "Valid choices"),
+                               ("sp", 2, "not implemented yet"), ("cfg+sp", 2, "not implemented yet"),
+                               ("tp", 2, "use one of cfg, data")):
+        with pytest.raises(ValueError, match=words):
+            check_parallel_mode(mode, world)
+    check_parallel_mode("data", 5)
+    assert main(["generate", "--prompt", PROMPT, "--parallel", "cfg", "--out", str(tmp_path / "x.webp")]) == 2
+    assert "exactly 2 processes" in capsys.readouterr().err
+    assert main(["generate", "--prompt", PROMPT, "--parallel", "data", "--out", str(tmp_path / "x.webp")]) == 2
+    assert "--prompts FILE" in capsys.readouterr().err
+    assert main(["generate", "--prompt", PROMPT, "--parallel", "sp", "--out", str(tmp_path / "x.webp")]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_prompts_file_without_parallel_numbers_the_outputs(tmp_path, one_thread):
+    (tmp_path / "p.txt").write_text("a dot\n\n  a line  \n", encoding="utf-8")
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--frames", "1",
+                 "--out", str(tmp_path / "img.png")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("img")) == \
+        ["img_0.json", "img_0.png", "img_1.json", "img_1.png"]
+    assert json.loads((tmp_path / "img_1.json").read_text())["prompt"] == "a line"
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--prompt", "x", "--out",
+                 str(tmp_path / "y.png")]) == 2
+
+
+def test_logits_exchange_volume():
+    assert logits_exchange_bytes(1, 9 * 30 * 53, 64) == 9 * 30 * 53 * 64 * 2 * 4
