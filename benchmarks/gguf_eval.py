@@ -21,8 +21,8 @@ Sections:
   random network (width 512, depth 4, grid 3×12×21, text 64 + 16) and the trained tiny refiner at the shapes
   benchmark's size (where decoding is a larger share of a small step).
 
-``sizes`` also gives the quantised tensors alone (the block matrices the type applies to) against their float32
-bytes, since the tiny refiner's F32 tensors (bit embedding, text projection, head, norms) weigh a third of its file.
+``sizes`` also gives the quantised tensors alone (the matrices the type applies to) against their float32 bytes,
+since the tiny refiner's F32 tensors (bit embedding, head, norms, biases) are a large share of its file.
 
 ``--write-tiny DIR`` leaves the quantised tiny refiner files (as ``checkpoint_to_gguf`` writes them, with all the
 tiny's metadata) for the shapes benchmark: ``benchmarks/shapes_eval.py --model-file DIR/refiner.Q8_0.gguf`` (see
@@ -95,6 +95,12 @@ def gguf_model(tensors: dict[str, torch.Tensor], config: RefinerConfig, qtype: s
     with torch.device("meta"):
         model = GRNRefiner(RefinerConfig.from_dict(json.loads(metadata["grn.config"])))
     apply_gguf_weights(model, loaded, compute_dtype=compute_dtype, path=path)
+    # A BF16 / F16 file keeps its matrices as plain half Linears but their biases F32 (biases are never converted):
+    # give such a Linear's bias its weight's dtype, so the layer runs in the half dtype like the bias-free ones.
+    for layer in model.modules():
+        if (type(layer) is torch.nn.Linear and layer.bias is not None
+                and layer.bias.dtype != layer.weight.dtype):
+            layer.bias = torch.nn.Parameter(layer.bias.to(layer.weight.dtype), requires_grad=False)
     _rebuild_meta_buffers(model)
     return model.eval().requires_grad_(False), {"bytes": summary.bytes, "types": summary.counts,
                                                 "fallbacks": len(summary.fallbacks)}

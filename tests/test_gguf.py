@@ -77,6 +77,21 @@ def small_state() -> dict[str, torch.Tensor]:
     }
 
 
+def policy_quantised(shapes) -> set[str]:
+    """The names the default policy (``gguf_file.default_select``) quantises, restated from its rule: every 2-D
+    ``.weight`` matrix except norms and the modules kept in float (``KEEP_PREFIXES``: head, bit embedding, ...)."""
+    return {name for name, shape in shapes.items()
+            if len(shape) == 2 and name.endswith(".weight") and not name.startswith(gguf_file.KEEP_PREFIXES)
+            and "norm" not in name.rsplit(".", 2)[-2]}
+
+
+def tiny_shapes() -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(TINY), "pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Block layouts against the numpy reference
 
@@ -291,8 +306,18 @@ def test_tiny_refiner_file_carries_its_metadata(tmp_path):
     summary = checkpoint_to_gguf(TINY, tmp_path / "tiny.gguf", "q4_k")
     raw = read_gguf_checkpoint(tmp_path / "tiny.gguf")
     assert raw.metadata[META_KIND] == "refiner" and raw.config_dict["width"] == 128
-    # Width 128 and SwiGLU 384: no block row is a multiple of 256, every block matrix falls back to Q4_0.
-    assert set(summary.fallbacks.values()) == {("Q4_K", "Q4_0")} and len(summary.fallbacks) == 28
+    shapes = tiny_shapes()
+    quantised = policy_quantised(shapes)
+    # The block matrices and the small projections (text_proj 64 wide, the step-token MLP) are quantised; the head,
+    # the bit embedding and the norms are not.
+    assert {n for n in quantised if ".module." not in n} == {"text_proj.weight", "pt_embedder.mlp.0.weight",
+                                                             "pt_embedder.mlp.2.weight"}
+    assert {n for n, t in summary.types.items() if t != "F32"} == quantised
+    # Width 128 and SwiGLU 384: rows that are no multiple of 256 (every block matrix, text_proj) fall back to Q4_0;
+    # the step-token MLP's first layer (rows of 256) keeps Q4_K.
+    expected = {n: ("Q4_K", "Q4_0") for n in quantised if shapes[n][1] % 256}
+    assert summary.fallbacks == expected and len(expected) == len(quantised) - 1
+    assert summary.types["pt_embedder.mlp.0.weight"] == "Q4_K" and summary.types["head.proj.weight"] == "F32"
     assert summary.bytes < 0.25 * TINY.stat().st_size
 
 
@@ -365,7 +390,9 @@ def test_refiner_with_gguf_weights_equals_plain_refiner_with_decoded_weights(tmp
     with torch.device("meta"):
         model = GRNRefiner(config)
     replaced = apply_gguf_weights(model, raw.tensors, path=tmp_path / "tiny.gguf")
-    assert len(replaced) == 28 and all(".module." in name for name in replaced)
+    # Every quantised matrix (the blocks' and the small projections') became a GGUFLinear, nothing else did.
+    assert {f"{name}.weight" for name in replaced} == policy_quantised(tiny_shapes())
+    assert isinstance(model.text_proj, GGUFLinear) and isinstance(model.pt_embedder.mlp[0], GGUFLinear)
     assert isinstance(model.block_chunks[0].module[0].mlp.down_proj, GGUFLinear)
     assert type(model.word_embed) is nn.Linear and type(model.head.proj) is nn.Linear
     fresh = GRNRefiner(config)
@@ -495,4 +522,8 @@ def test_plan_needs_no_weights():
         state = GRNRefiner(RefinerConfig(width=256, depth=2, heads=2, kv_heads=2, mlp_hidden=768, block_chunks=1,
                                          text_channels=64, latent_channels=8)).state_dict()
     plan = plan_gguf(state, "q4_k")
-    assert plan.fallbacks == {} and plan.counts["Q4_K"] == 14 and plan.data_bytes > 0
+    quantised = policy_quantised({name: tuple(t.shape) for name, t in state.items()})
+    # Width 256: every block matrix and the step-token MLP hold K-quant rows; text_proj (64 wide) falls back.
+    assert plan.fallbacks == {"text_proj.weight": ("Q4_K", "Q4_0")}
+    assert plan.counts == {"Q4_K": len(quantised) - 1, "Q4_0": 1, "F32": len(state) - len(quantised)}
+    assert plan.data_bytes > 0

@@ -22,7 +22,7 @@ from grn_core import checkpoints
 from grn_core.checkpoint_files import META_CONFIG, META_FORMAT, META_KIND, META_LAYOUT, META_TASKS, CheckpointError
 from grn_core.checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer, load_umt5, read_weights
 from grn_core.convert import convert
-from grn_core.formats import SUPPORTED, GGUFLinear, GGUFWeight, dequantize, read_gguf, write_gguf
+from grn_core.formats import SUPPORTED, GGUFLinear, GGUFWeight, dequantize, gguf_file, read_gguf, write_gguf
 from grn_core.pipeline import load_model
 from grn_core.runtime.offload import module_bytes
 from grn_core.runtime.precision import Precision, cast_network
@@ -56,6 +56,22 @@ def gguf_layers(model: nn.Module) -> dict[str, GGUFLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
 
 
+def policy_quantised(path: Path) -> set[str]:
+    """The weights of a float file the default GGUF policy quantises, restated from its rule: every 2-D ``.weight``
+    matrix except norms and the modules kept in float (``KEEP_PREFIXES``: head, bit embedding, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    return {name for name, shape in shapes.items()
+            if len(shape) == 2 and name.endswith(".weight") and not name.startswith(gguf_file.KEEP_PREFIXES)
+            and "norm" not in name.rsplit(".", 2)[-2]}
+
+
+# The tiny refiner's quantised matrices: the four blocks' and the text / step-token projections (as GGUFLinear names).
+TINY_QUANTISED = {name.removesuffix(".weight") for name in policy_quantised(TINY)}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # convert
 
@@ -68,8 +84,16 @@ def test_convert_writes_a_self_describing_gguf(files, qtype, stored):
     assert metadata[META_LAYOUT] == "joint" and metadata[META_TASKS] == "t2v,t2i" and metadata[META_FORMAT] == "1"
     assert json.loads(metadata[META_CONFIG])["width"] == 128
     quantization = json.loads(metadata["grn.quantization"])
-    assert quantization["requested"] == qtype.upper() and quantization["counts"] == {stored: 28, "F32": 27}
-    # The tiny's rows (128, 384) are no multiple of 256: K-quants fall back to the 32-block types.
+    # Every matrix the policy picks is stored as `stored`, the rest (head, bit embedding, norms, biases) as F32 ...
+    quantised = {name for name, t in tensors.items() if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32)}
+    assert quantised == {f"{name}.weight" for name in TINY_QUANTISED} and "text_proj.weight" in quantised
+    counts = {stored: len(quantised), "F32": len(tensors) - len(quantised)}
+    # ... except that a K-quant keeps its type where the rows allow it: the step-token MLP's first layer (rows of 256).
+    # The other rows (128, 384, text_proj's 64) are no multiple of 256: K-quants fall back to the 32-block types.
+    if qtype in ("q5_k", "q4_k"):
+        counts = {stored: len(quantised) - 1, qtype.upper(): 1, "F32": counts["F32"]}
+        assert tensors["pt_embedder.mlp.0.weight"].qtype == qtype.upper()
+    assert quantization["requested"] == qtype.upper() and quantization["counts"] == dict(sorted(counts.items()))
     block = tensors["block_chunks.0.module.0.mlp.down_proj.weight"]
     if stored.startswith("Q"):
         assert isinstance(block, GGUFWeight) and block.qtype == stored
@@ -126,7 +150,7 @@ def test_convert_refuses_nan_and_leaves_an_existing_file(tmp_path):
 def test_load_refiner_equals_the_float_refiner_of_the_decoded_weights(files, qtype):
     model = load_refiner(files[qtype])
     layers = gguf_layers(model)
-    assert len(layers) == 28 and all(".module." in name for name in layers)
+    assert set(layers) == TINY_QUANTISED and "text_proj" in layers
     assert all(m.weight_blocks.dtype == torch.uint8 and m.compute_dtype == torch.float32 for m in layers.values())
     plain = load_refiner(files[f"{qtype}-decoded"])
     assert not gguf_layers(plain)
@@ -160,9 +184,10 @@ def test_bf16_means_the_compute_dtype_and_the_blocks_stay_quantised(files):
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "fp8_e5m2"])
 def test_fp8_is_refused_for_a_quantised_file(files, dtype):
+    n_q4_0 = len(TINY_QUANTISED) - 1  # all but the step-token MLP's first layer fall back from Q4_K
     for load in (lambda: load_refiner(files["q4_k"], dtype=dtype),
                  lambda: load_model(files["q4_k"], TINY_TOKENIZER, dtype=dtype)):
-        with pytest.raises(CheckpointError, match=rf"quantised already \(Q4_0 ×28\).*dtype default, bf16") as error:
+        with pytest.raises(CheckpointError, match=rf"quantised already \(Q4_0 ×{n_q4_0}, Q4_K ×1\).*dtype default, bf16") as error:
             load()
         assert error.value.path == files["q4_k"] and str(files["q4_k"]) in str(error.value)
     # an unquantised GGUF (bf16 blocks) is a float file like any other
@@ -219,7 +244,7 @@ def test_a_gguf_file_is_judged_by_its_content(tmp_path, files, caplog):
     shutil.copy(files["q8_0"], renamed)
     with caplog.at_level("WARNING"):
         model = load_refiner(renamed)
-    assert len(gguf_layers(model)) == 28 and "Rename it to .gguf" in caplog.text
+    assert set(gguf_layers(model)) == TINY_QUANTISED and "Rename it to .gguf" in caplog.text
     fake = tmp_path / "fake.gguf"
     shutil.copy(TINY, fake)
     for load in (load_refiner, inspect_checkpoint):
@@ -236,7 +261,15 @@ def test_c2i_refiner_as_gguf(tmp_path):
     assert inspect_checkpoint(gguf).kind == "c2i"
     model, plain = load_c2i(gguf), load_c2i(decoded)
     layers = gguf_layers(model)
-    assert layers and all(name.startswith("blocks.") for name in layers)
+    # The blocks' matrices and the timestep MLP are quantised; final_layer (kept in float) and the patch embedding
+    # (x_embedder, no 2-D weight of a Linear) are not.
+    tensors, _ = read_gguf(gguf)
+    assert {name for name, t in tensors.items()  # the policy's picks, quantised or (rows of no block) F16
+            if isinstance(t, GGUFWeight) or t.dtype != torch.float32} == policy_quantised(src)
+    blocks = {name.removesuffix(".weight") for name, t in tensors.items() if isinstance(t, GGUFWeight)}
+    expected = {name for name in blocks if isinstance(plain.get_submodule(name), nn.Linear)}
+    assert set(layers) == expected and "t_embedder.mlp.0" in layers and "blocks.0.attn.qkv" in layers
+    assert not any(name.startswith(("final_layer.", "x_embedder.")) for name in layers)
     from grn_core.sampler.c2i_loop import sample_c2i
     from grn_core.sampler.settings import C2ISettings
 
@@ -432,7 +465,7 @@ def test_load_grn_node_lists_and_loads_a_gguf_refiner(tmp_path, files):
         assert "tiny.Q8_0.gguf" not in model_files.umt5_choices(folder_paths)
         loaded = comfy.run(nodes.GRNLoadModel, refiner="tiny.Q8_0.gguf",
                            tokenizer="tiny_tokenizer.safetensors").args[0]
-        assert loaded.model.weight_dtype == "gguf:q8_0" and len(gguf_layers(loaded.model.refiner)) == 28
+        assert loaded.model.weight_dtype == "gguf:q8_0" and set(gguf_layers(loaded.model.refiner)) == TINY_QUANTISED
         from grn_nodes.errors import GRNNodeError
 
         with pytest.raises(GRNNodeError, match="quantised already"):

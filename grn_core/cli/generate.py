@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctrl_c: CtrlC) -> int:
+    args.device = check_device(args.device)  # before the process group is joined on it
     parallel = _parallel_plan(args)
     try:
         return _run_on(args, ctrl_c, parallel)

@@ -13,9 +13,8 @@ got each type, and the tensors that fell back to another type (the per-tensor ty
     summary = write_gguf(tensors, "refiner-Q4_K.gguf", "q4_k", metadata)   # atomic: temp file + rename
     tensors, metadata = read_gguf("refiner-Q4_K.gguf")                     # GGUFWeight values stay quantised
 
-Which tensors are quantised (:func:`default_select`): the 2-D ``.weight`` matrices of the repeated transformer blocks
-and other 2-D weights of at least ``BIG_TENSOR`` elements; norms, biases, small matrices, the bit embedding and the
-head stay F32 (as llama.cpp keeps 1-D tensors in F32). A row whose length is not a whole number of blocks of the
+Which tensors are quantised (:func:`default_select`): every 2-D ``.weight`` matrix but the bit embedding and the
+head; those two, norms and biases stay F32 (as llama.cpp keeps 1-D tensors in F32). A row whose length is not a whole number of blocks of the
 requested type takes the next type of :data:`~grn_core.formats.gguf_quants.FALLBACKS` that fits.
 
 Nothing in this module imports :mod:`grn_core.checkpoints`; dispatch GGUF files from there (see the package
@@ -80,7 +79,7 @@ HOW_TO_WRITE = ("python -m grn_core convert ORIGINAL OUT.gguf --dtype q8_0 (or q
 
 # Default choice of what to quantise (see default_select).
 BLOCK_PREFIXES = ("block_chunks.", "blocks.", "layers.")
-KEEP_PREFIXES = ("head.", "word_embed.", "token_embedding.", "final_layer.")
+KEEP_PREFIXES = ("head.", "word_embed.", "token_embedding.", "y_embedder.", "final_layer.")
 BIG_TENSOR = 1 << 20
 
 _MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -92,15 +91,14 @@ _STRING, _ARRAY, _UINT32 = 8, 9, 4
 
 
 def default_select(name: str, shape: Sequence[int]) -> bool:
-    """Whether ``write_gguf`` quantises tensor ``name`` by default: 2-D ``.weight`` matrices inside the repeated
-    blocks (``block_chunks.*``, ``blocks.*``, ``layers.*``) or of at least ``BIG_TENSOR`` elements, except the
-    modules GRN keeps in float (the bit embedding ``word_embed``, the ``head``, embedding tables) and norms."""
+    """Whether ``write_gguf`` quantises tensor ``name`` by default: every 2-D ``.weight`` matrix (the repeated
+    blocks' and the text / step-token projections'), except the modules GRN keeps in float (the bit embedding
+    ``word_embed``, the ``head``, embedding tables) and norms. Small projections are quantised too: in a small model
+    they are a large share of the file (the tiny refiner's Q8_0 file: 0.34x of float32 with them in F32, 0.29x
+    without)."""
     if len(shape) != 2 or not name.endswith(".weight") or name.startswith(KEEP_PREFIXES):
         return False
-    if "norm" in name.rsplit(".", 2)[-2]:
-        return False
-    numel = int(shape[0]) * int(shape[1])
-    return name.startswith(BLOCK_PREFIXES) or numel >= BIG_TENSOR
+    return "norm" not in name.rsplit(".", 2)[-2]
 
 
 @dataclass
