@@ -303,8 +303,8 @@ class GRNRefineSampler(io.ComfyNode):
         result.bits = result.bits.to(mm.intermediate_device())
         note = f"{plan.note}; {describe_settings(settings)}"
         if edit is not None:
-            note += f"; {describe_edit(edit, settings)}"
             result.extras["edit_note"] = describe_edit(edit, settings)
+            note += f"; {result.extras['edit_note']}"
         result.extras["size_note"] = plan.note
         result.extras["settings_note"] = note
         return io.NodeOutput(result, ui={"text": [note]})

@@ -8,6 +8,7 @@ schemas, so a changed node fails the tests until this script is re-run.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -40,17 +41,21 @@ def sampler_preset(task: str) -> dict:
     """The Refine Sampler's widget values for ``task``: the official preset (grn_core.presets), fixed steps, and
     the family's adaptive numbers in the custom-rule widgets (used only with adaptive_rule 'custom')."""
     p, rule = preset(task), ADAPTIVE_RULES[task]
-    values = dict(width=p.width, height=p.height, resolution="custom", aspect="from width/height", frames=p.frames,
-                  duration=0.0, seed=42, control_after_generate="fixed", steps=p.steps, adaptive_steps=p.adaptive,
-                  min_steps=rule["min_steps"], warmup=rule["warmup"], adaptive_k=rule["k"], adaptive_b=rule["b"],
-                  guidance=p.guidance, guidance_interval=p.cfg_interval, temperature=p.temperature, shift=p.shift,
-                  class_index=0, adaptive_rule="model", strength=1.0)
-    return values
+    return dict(width=p.width, height=p.height, resolution="custom", aspect="from width/height", frames=p.frames,
+                duration=0.0, seed=42, control_after_generate="fixed", steps=p.steps, adaptive_steps=p.adaptive,
+                min_steps=rule["min_steps"], warmup=rule["warmup"], adaptive_k=rule["k"], adaptive_b=rule["b"],
+                guidance=p.guidance, guidance_interval=p.cfg_interval, temperature=p.temperature, shift=p.shift,
+                class_index=0, adaptive_rule="model", strength=1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_default_size() -> tuple[int, int, int]:
+    return tuple(default_size(load_tiny(), "t2v"))  # load the tiny model once, not for every workflow
 
 
 def tiny_size() -> dict:
     """The tiny model's native size, as its file says (``grn.defaults``)."""
-    width, height, frames = default_size(load_tiny(), "t2v")
+    width, height, frames = _tiny_default_size()
     return dict(width=width, height=height, frames=frames)
 
 
@@ -141,15 +146,25 @@ FILES_NOTE = ("Files: put the GRN refiner and the HBQ tokenizer into ComfyUI/mod
               "'download_missing' in Load GRN.")
 
 
-def video_tail(g: Graph, load: int, sampler: int, x: int, prefix: str) -> None:
-    decode = g.add("GRNDecodeVideo", (x, 60), [0])
+def decoder(g: Graph, load: int, tokens: int, pos: tuple[int, int]) -> int:
+    """A Decode Video of ``tokens`` with the loaded model."""
+    decode = g.add("GRNDecodeVideo", pos, [0])
     g.link(load, 0, decode, "model")
-    g.link(sampler, 0, decode, "tokens")
-    video = g.add("CreateVideo", (x + 360, 60), [16.0])
+    g.link(tokens, 0, decode, "tokens")
+    return decode
+
+
+def save_video(g: Graph, decode: int, pos: tuple[int, int], prefix: str) -> None:
+    video = g.add("CreateVideo", pos, [16.0])
     g.link(decode, 0, video, "images")
     g.link(decode, 1, video, "fps")
-    save = g.add("SaveVideo", (x + 720, 60), [prefix, "auto", "auto"])
+    save = g.add("SaveVideo", (pos[0] + 360, pos[1]), [prefix, "auto", "auto"])
     g.link(video, 0, save, "video")
+
+
+def video_tail(g: Graph, load: int, sampler: int, x: int, prefix: str) -> None:
+    decode = decoder(g, load, sampler, (x, 60))
+    save_video(g, decode, (x + 360, 60), prefix)
     stats = g.add("GRNRefineStats", (x, 420), [])
     g.link(sampler, 0, stats, "tokens")
     preview = g.add("PreviewImage", (x + 360, 420), [])
@@ -157,9 +172,7 @@ def video_tail(g: Graph, load: int, sampler: int, x: int, prefix: str) -> None:
 
 
 def image_tail(g: Graph, load: int, sampler: int, x: int, prefix: str) -> None:
-    decode = g.add("GRNDecodeVideo", (x, 60), [0])
-    g.link(load, 0, decode, "model")
-    g.link(sampler, 0, decode, "tokens")
+    decode = decoder(g, load, sampler, (x, 60))
     save = g.add("SaveImage", (x + 360, 60), [prefix])
     g.link(decode, 0, save, "images")
     stats = g.add("GRNRefineStats", (x, 420), [])
@@ -203,14 +216,6 @@ def text_model(refiner: str, note: str, *, video: bool, task: str, prompt: str, 
     return g
 
 
-def save_video(g: Graph, decode: int, pos: tuple[int, int], prefix: str) -> None:
-    video = g.add("CreateVideo", pos, [16.0])
-    g.link(decode, 0, video, "images")
-    g.link(decode, 1, video, "fps")
-    save = g.add("SaveVideo", (pos[0] + 360, pos[1]), [prefix, "auto", "auto"])
-    g.link(video, 0, save, "video")
-
-
 def right_half_mask(g: Graph, width: int, height: int, pos: tuple[int, int]) -> int:
     """A MASK from core nodes: black (keep) everywhere, white (regenerate) on the right half."""
     black = g.add("SolidMask", pos, [0.0, width, height], title="keep (black)")
@@ -234,10 +239,7 @@ def inpaint(refiner: str, note: str, *, task: str, prompt: str, sampler: dict, e
         first = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", task, **sampler), title="source run")
         g.link(load, 0, first, "model")
         g.link(enc, 0, first, "conditioning")
-        decode = g.add("GRNDecodeVideo", (940, 60), [0])
-        g.link(load, 0, decode, "model")
-        g.link(first, 0, decode, "tokens")
-        source = decode
+        source = decoder(g, load, first, (940, 60))
         edit_enc = g.add("GRNEncodePrompt", (40, 560), prompt_node(edit_prompt, task), title="edit prompt")
     else:
         clip = g.add("CLIPLoader", (40, 240), ["umt5_xxl_fp16.safetensors", "wan", "default"])
@@ -255,9 +257,7 @@ def inpaint(refiner: str, note: str, *, task: str, prompt: str, sampler: dict, e
     g.link(edit_enc, 0, edit, "conditioning")
     g.link(encode, 0, edit, "source_tokens")
     g.link(mask, 0, edit, "mask")
-    out = g.add("GRNDecodeVideo", (1860, 60), [0])
-    g.link(load, 0, out, "model")
-    g.link(edit, 0, out, "tokens")
+    out = decoder(g, load, edit, (1860, 60))
     prefix = f"grn/{'tiny' if tiny else task}_inpaint"
     if video:
         save_video(g, out, (1860, 300), prefix)
@@ -285,18 +285,14 @@ def extend(refiner: str, note: str, *, prompt: str, next_prompt: str, sampler: d
     first = g.add("GRNRefineSampler", (480, 60), grn("GRNRefineSampler", "t2v", **sampler), title="clip 1")
     g.link(load, 0, first, "model")
     g.link(encs[0], 0, first, "conditioning")
-    decode1 = g.add("GRNDecodeVideo", (940, 60), [0])
-    g.link(load, 0, decode1, "model")
-    g.link(first, 0, decode1, "tokens")
+    decode1 = decoder(g, load, first, (940, 60))
     save_video(g, decode1, (1400, 60), f"grn/{'tiny' if tiny else 't2v'}_extend_clip1")
     second = g.add("GRNRefineSampler", (940, 300), grn("GRNRefineSampler", "t2v", **{**sampler, "seed": 43}),
                    title="clip 2 (extends clip 1)")
     g.link(load, 0, second, "model")
     g.link(encs[1], 0, second, "conditioning")
     g.link(decode1, 0, second, "extend_from")
-    decode2 = g.add("GRNDecodeVideo", (1400, 300), [0])
-    g.link(load, 0, decode2, "model")
-    g.link(second, 0, decode2, "tokens")
+    decode2 = decoder(g, load, second, (1400, 300))
     save_video(g, decode2, (1400, 540), f"grn/{'tiny' if tiny else 't2v'}_extend_clip2")
     return g
 

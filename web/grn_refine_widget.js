@@ -92,7 +92,14 @@ class RefineView {
   push(event) {
     if (event.prompt_id && event.prompt_id !== this.promptId) this.reset(event.prompt_id);
     const following = this.index === this.history.length - 1;
-    if (event.fixed && event.fixed.data) this.fixed = { map: event.fixed, bits: decodeFixed(event.fixed) };
+    const f = event.fixed, known = this.fixed && this.fixed.map;
+    const same = f && known && f.data === known.data && f.t === known.t && f.h === known.h && f.w === known.w;
+    if (f && f.data && !same) { // small maps come with every event: decode a new one only
+      const bits = decodeFixed(event.fixed);
+      let count = 0;
+      for (const b of bits) count += b;
+      this.fixed = { map: event.fixed, bits, count }; // counted once here, not on every draw
+    }
     const entry = { event, codes: event.map ? decodeStates(event.map) : null, image: null, fixed: this.fixed };
     if (event.preview && event.preview.data) {
       const img = new Image();
@@ -254,12 +261,10 @@ class RefineView {
     });
     // an edit: cells clamped to the source (mask black, an extended clip's first frame), in their own colour
     if (entry.fixed) {
-      let n = 0;
-      for (const b of entry.fixed.bits) n += b;
       ctx.fillStyle = rgb(ev.fixed_colour || [150, 110, 210]);
       ctx.fillRect(x, ly - 8, 9, 9);
       ctx.fillStyle = "#ccc";
-      ctx.fillText(`fixed ${n} cells`, x + 12, ly);
+      ctx.fillText(`fixed ${entry.fixed.count} cells`, x + 12, ly);
     }
   }
 }
