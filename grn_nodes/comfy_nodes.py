@@ -45,6 +45,12 @@ T2V = preset("t2v")  # a new Refine Sampler starts with the official text-to-vid
 RULE = RULES["t2v"]  # the numbers the custom adaptive rule starts from
 
 
+def _official(field: str) -> str:
+    """A tooltip listing the official value of ``field`` per task, read from the presets."""
+    values = (f"{getattr(preset(task), field):g} for {task.upper()}" for task in ("t2i", "t2v", "i2v", "c2i"))
+    return "Official: " + ", ".join(values) + "."
+
+
 def _folder_paths():
     import folder_paths
 
@@ -223,11 +229,11 @@ class GRNRefineSampler(io.ComfyNode):
                 io.Float.Input("adaptive_b", default=RULE["b"], min=-10000.0, max=10000.0, step=1.0,
                                tooltip="Custom rule only: offset of D = k*H + b."),
                 io.Float.Input("guidance", default=T2V.guidance, min=0.0, max=20.0, step=0.05,
-                               tooltip="Official: 3.0 for T2I/T2V/I2V, 2.35 for class-to-image."),
+                               tooltip=_official("guidance")),
                 io.Float.Input("guidance_interval", default=T2V.cfg_interval, min=0.0, max=1.0, step=0.01,
                                tooltip="Guide only once the kept fraction reaches this value (0 = every step)."),
                 io.Float.Input("temperature", default=T2V.temperature, min=0.05, max=5.0, step=0.01,
-                               tooltip="Official: 1.0 for T2V/I2V, 1.1 for T2I, 1.31 for class-to-image."),
+                               tooltip=_official("temperature")),
                 io.Float.Input("shift", default=T2V.shift, min=0.05, max=10.0, step=0.05),
                 io.Int.Input("class_index", default=0, min=0, max=999, tooltip="ImageNet class for C2I models."),
                 io.Image.Input("first_frame", optional=True, tooltip="I2V: the video's first frame."),

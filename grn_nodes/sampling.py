@@ -18,6 +18,7 @@ import torch
 from grn_core.pipeline import GenerationRequest, TokenResult, generate_class_tokens, generate_tokens, \
     refiner_stage_bytes
 from grn_core.refiner.buckets import BUCKET_SIDES
+from grn_core.releases import I2V_FILE
 from grn_core.request import SizePlan, prepare_first_frame, resolve_settings
 from grn_core.request import plan_size as resolve_size
 from grn_core.sampler import C2ISettings, SamplerSettings, StepInfo
@@ -46,7 +47,7 @@ def choose_task(loaded: LoadedGRN, conditioning: Optional[GRNConditioning], has_
         if "i2v" not in model.tasks and model.layout != "joint":
             raise GRNNodeError(
                 f"{SAMPLER}: {loaded.refiner_name} has no image-to-video (prefix layout); disconnect first_frame, or "
-                "load the 8B GRN_T2V_TITAN_FSA_sft10600_ema.pth, which does I2V.")
+                f"load the 8B {I2V_FILE}, which does I2V.")
         return "i2v"  # a joint model not trained for it runs with a warning, as the official code allows
     if conditioning.default_task == "i2v":
         if "t2v" in conditioning.features:
