@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -62,21 +60,12 @@ from grn_core.formats import gguf_file  # noqa: E402
 from grn_core.runtime.fp8 import Fp8Linear, quantize_linears  # noqa: E402
 from grn_core.refiner import GRN2b, GRN8b, GRNRefiner, RefinerConfig, infer_refiner_config, swiglu_hidden  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes_eval import _machine  # noqa: E402  (the shapes benchmark's machine line)
+
 GOLDEN = ROOT / "tests" / "golden"
 TINY_REFINER = ROOT / "grn_core" / "assets" / "tiny" / "refiner.safetensors"
 QUANT_TYPES = ("q8_0", "q5_k", "q4_k")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

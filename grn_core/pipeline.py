@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 from . import hbq
 from .presets import JOINT_PROMPT_TEMPLATES, MAX_FRAMES, PREFIX_PROMPT_TEMPLATES, TASKS, preset
 from .releases import I2V_FILE
-from .request import MAX_BUCKET_CELLS, MAX_LATENT_SIDE, check_seed
+from .request import MAX_BUCKET_CELLS, MAX_LATENT_SIDE, _is_number, check_seed
 from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer, parse_dtype
 from .runtime.fp8 import Fp8Linear
 from .runtime.memory import decode_advice, format_bytes, oom_guard, refiner_step_bytes, step_advice
@@ -366,9 +365,8 @@ def latent_grid_for(model: GRNModel, width: int, height: int, frames: int) -> tu
     """Latent ``(t, h, w)`` of an output size, or a ValueError saying which sizes work."""
     sf, tf = model.spatial_factor, model.temporal_factor
 
-    def sane(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-            abs(value) < 1e12
+    def sane(value: Any) -> bool:  # safe to round for the hint (a 10**400 int would overflow a float)
+        return _is_number(value) and abs(value) < 1e12
 
     for name, size in (("width", width), ("height", height)):
         if isinstance(size, bool) or not isinstance(size, int) or size < sf or size % sf:

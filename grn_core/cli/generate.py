@@ -241,7 +241,6 @@ def _parallel_plan(args: argparse.Namespace) -> ParallelPlan:
                          "line). For one prompt use --parallel cfg (2 processes).")
     if "WORLD_SIZE" not in os.environ:  # data parallel over 1 process: no group needed
         return ParallelPlan.single(args.device)
-    args.device = check_device(args.device)
     plan = ParallelPlan.from_env(args.device, timeout_s=getattr(args, "parallel_timeout", DEFAULT_TIMEOUT_S))
     args.device = str(plan.device)
     set_quiet(not plan.is_main)
