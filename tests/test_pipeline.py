@@ -170,3 +170,11 @@ def test_class_to_image_tokens_decode():
     assert decode_tokens(model, tokens).shape == (2, 1, 128, 128, 3)
     with pytest.raises(ValueError, match="outside 0..9"):
         generate_class_tokens(model, [11])
+
+
+def test_latent_grid_refuses_absurd_sides_with_a_size_error(model):
+    """A side of 10**400 is a ValueError naming the size (float conversion of it would overflow)."""
+    from grn_core.pipeline import latent_grid_for
+
+    with pytest.raises(ValueError):
+        latent_grid_for(model, 10**400 + 1, 64, 1)
