@@ -438,6 +438,24 @@ def _pieces(flat: torch.Tensor) -> Iterable[torch.Tensor]:
     return (flat,)
 
 
+def fit_problems(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """How ``tensors`` fail to fit the keys and shapes ``expected`` — phrases for an error message (missing,
+    unexpected, other shapes; empty when they fit) — and the first key at fault (None when they fit)."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [k for k, shape in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
+    if wrong:
+        shown = "; ".join(f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k])}" for k in wrong[:3])
+        problems.append(f"{len(wrong)} with other shapes (e.g. {shown})")
+    first = (missing or unexpected or wrong or [None])[0]
+    return problems, first
+
+
 def is_finite_tensor(t: torch.Tensor) -> bool:
     """True when a tensor holds no NaN/Inf (integer tensors always do).
 

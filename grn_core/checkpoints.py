@@ -43,6 +43,7 @@ from torch import nn
 from .checkpoint_files import (
     FORMAT_VERSION,
     check_finite,
+    fit_problems,
     META_CONFIG,
     META_FORMAT,
     META_KIND,
@@ -54,8 +55,9 @@ from .checkpoint_files import (
     read_checkpoint,
 )
 
-from .formats import GGUFLinear, GGUFWeight, apply_gguf_weights, dequantize, is_gguf_file, nonfinite_blocks
+from .formats import GGUFWeight, apply_gguf_weights, dequantize, is_gguf_file, nonfinite_blocks
 from .formats import read_gguf_checkpoint
+from .formats.gguf_linear import state_tensors
 from .presets import BIT_TASKS, TASKS
 from .releases import RELEASED_FILES
 from .runtime.fp8 import FP8_DTYPES as _FP8_DTYPES
@@ -489,25 +491,12 @@ def _check_keys(raw: RawCheckpoint, kind: str, model: nn.Module) -> None:
     """Compare file and network key by key and shape by shape, so a mismatch is reported before any weight moves."""
     expected = model.state_dict()
     _check_dtypes(raw, expected)
-    missing = [k for k in expected if k not in raw.tensors]
-    unexpected = [k for k in raw.tensors if k not in expected]
-    wrong_shape = [
-        f"{k} {tuple(raw.tensors[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in raw.tensors and tuple(raw.tensors[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} with other shapes (e.g. {'; '.join(wrong_shape[:3])})")
+    problems, first = fit_problems({k: tuple(v.shape) for k, v in expected.items()}, raw.tensors)
     if problems:
         raise CheckpointError(
             f"{raw.path}: the tensors do not fit {KINDS[kind].description} with the inferred config: "
             f"{'; '.join(problems)}. The file may be damaged, or a different model version.", path=raw.path,
-            key=(missing or unexpected or [w.split(" ")[0] for w in wrong_shape])[0]
+            key=first
         )
 
 
@@ -633,24 +622,9 @@ def _check_gguf_finite(raw: RawCheckpoint, state: Mapping[str, Any]) -> None:
                     path=raw.path, key=name, value=bad)
 
 
-def _stored_weights(model: nn.Module):
-    """``(name, tensor)`` of every state-dict entry, one at a time: a GGUF layer's weight is decoded in its compute
-    dtype only when its turn comes (``model.state_dict()`` would decode them all at once)."""
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, GGUFLinear):
-            yield prefix + "weight", module.upcast_weight()
-        for key, param in module._parameters.items():
-            if param is not None:
-                yield prefix + key, param
-        for key, buf in module._buffers.items():
-            if buf is not None and key not in module._non_persistent_buffers_set:
-                yield prefix + key, buf
-
-
 def _check_cast_overflow(raw: RawCheckpoint, model: nn.Module, target: str) -> None:
     """A weight finite in the file but beyond the range of the storage dtype (65504 for float16) becomes Inf."""
-    for name, tensor in _stored_weights(model):
+    for name, tensor in state_tensors(model):  # GGUF layers decoded one at a time
         try:
             check_finite(raw.path, [(name, tensor)])
         except CheckpointError as error:

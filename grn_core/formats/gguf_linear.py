@@ -28,21 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint_files import CheckpointError
+from ..checkpoint_files import CheckpointError, fit_problems
+from ..runtime.fp8 import ManualCastLinear, is_compute_dtype as _is_compute_dtype
 from .gguf_quants import GGUFWeight, QTYPES, dequantize, normalize_qtype, pick_qtype, quantize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GGUFLinear", "apply_gguf_weights", "gguf_linears"]
-
-_FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+__all__ = ["GGUFLinear", "apply_gguf_weights", "gguf_linears", "state_tensors"]
 
 
-def _is_compute_dtype(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point and dtype not in _FP8
-
-
-class GGUFLinear(nn.Linear):
+class GGUFLinear(ManualCastLinear):
     """A Linear layer whose weight ``[out, in]`` is kept as GGUF blocks of type ``qtype`` (``weight_blocks``, uint8
     ``[out, row_bytes]``, a non-persistent buffer) and decoded for every use.
 
@@ -51,6 +46,8 @@ class GGUFLinear(nn.Linear):
     Moves (``.to(device)``, ``.cuda()``) move the blocks; casts (``.to(dtype)``, ``.half()``) change the compute dtype
     and the bias, never the blocks.
     """
+
+    _load_errors = (ValueError, TypeError)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, qtype: str = "Q8_0",
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
@@ -149,58 +146,17 @@ class GGUFLinear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
         return F.linear(x.to(dtype), self.upcast_weight(dtype, x.device), bias)
 
-    def _apply(self, fn, recurse: bool = True):
-        """Moves and casts (``.to``, ``.cuda()``, ``.half()``, ``to_empty``) keep the blocks' bytes: a cast changes the
-        compute dtype (and the bias), a move moves everything."""
-        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight_blocks.device))
-        if _is_compute_dtype(probe.dtype):
-            self.compute_dtype = probe.dtype
+    def _storage_device(self) -> torch.device:
+        return self.weight_blocks.device
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if t.device == probe.device:
-                return t
-            return torch.empty_like(t, device=probe.device) if t.is_meta else t.to(probe.device)
-
+    def _move_storage(self, move) -> None:
+        """Moves keep the blocks' bytes."""
         self.weight_blocks = move(self.weight_blocks)
-        if self.bias is not None:
-            self.bias = nn.Parameter(move(self.bias.detach()).to(self.compute_dtype), requires_grad=False)
-        return self
 
     def extra_repr(self) -> str:
         kind = QTYPES[self.qtype]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"storage={self.qtype} ({kind.bits_per_weight:g} bits/weight), compute={self.compute_dtype}")
-
-    # -- the state dict speaks the plain Linear's language (official keys, float weights) ----------------------------
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.upcast_weight()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        for name in ("weight", "bias"):
-            key = prefix + name
-            if name == "bias" and self.bias is None:
-                if key in state_dict and strict:
-                    unexpected_keys.append(key)
-                continue
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            try:
-                if name == "weight":
-                    self.set_weight(state_dict[key])
-                else:
-                    self._set_bias(state_dict[key])
-            except (ValueError, TypeError) as error:
-                error_msgs.append(f"{key}: {error}")
-        if strict:
-            for key in state_dict:
-                rest = key[len(prefix):] if key.startswith(prefix) else None
-                if rest is not None and "." not in rest and rest not in ("weight", "bias"):
-                    unexpected_keys.append(key)
 
 
 def gguf_linears(model: nn.Module) -> dict[str, GGUFLinear]:
@@ -208,20 +164,26 @@ def gguf_linears(model: nn.Module) -> dict[str, GGUFLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, GGUFLinear)}
 
 
-def _expected(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every key of ``model``'s state dict with its shape, without materialising anything (GGUF layers included)."""
-    out: dict[str, tuple[int, ...]] = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
+def state_tensors(model: nn.Module, decode: bool = True):
+    """``(key, tensor)`` of every entry of ``model``'s state dict, one at a time: a :class:`GGUFLinear`'s weight is
+    decoded in its compute dtype only when its turn comes (``model.state_dict()`` would decode them all at once), or,
+    with ``decode=False``, stands as a meta tensor of its shape (nothing materialised)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         if isinstance(module, GGUFLinear):
-            out[prefix + "weight"] = (module.out_features, module.in_features)
+            yield prefix + "weight", (module.upcast_weight() if decode else
+                                      torch.empty(module.out_features, module.in_features, device="meta"))
         for key, param in module._parameters.items():
             if param is not None:
-                out[prefix + key] = tuple(param.shape)
+                yield prefix + key, param
         for key, buf in module._buffers.items():
             if buf is not None and key not in module._non_persistent_buffers_set:
-                out[prefix + key] = tuple(buf.shape)
-    return out
+                yield prefix + key, buf
+
+
+def _expected(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every key of ``model``'s state dict with its shape, without materialising anything (GGUF layers included)."""
+    return {key: tuple(tensor.shape) for key, tensor in state_tensors(model, decode=False)}
 
 
 def apply_gguf_weights(model: nn.Module, tensors: Mapping[str, Any], compute_dtype: Optional[torch.dtype] = None,
@@ -237,18 +199,7 @@ def apply_gguf_weights(model: nn.Module, tensors: Mapping[str, Any], compute_dty
     Returns the qualified names of the layers that became :class:`GGUFLinear`.
     """
     where = str(path) if path is not None else "GGUF weights"
-    expected = _expected(model)
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {expected[k]}" for k in expected
-             if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
-    if wrong:
-        problems.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:3])})")
+    problems, _ = fit_problems(_expected(model), tensors)
     if problems:
         raise CheckpointError(f"{where}: the tensors do not fit the network: {'; '.join(problems)}. The file may be "
                               "damaged, or for a different model version.", path=path)

@@ -24,14 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP8_DTYPES", "Fp8Linear", "is_fp8", "matmul_weight", "quantize_linears", "quantize_rows",
-           "in_repeated_block"]
+__all__ = ["FP8_DTYPES", "Fp8Linear", "ManualCastLinear", "is_compute_dtype", "is_fp8", "matmul_weight",
+           "quantize_linears", "quantize_rows", "in_repeated_block"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
+
+
+def is_compute_dtype(dtype: torch.dtype) -> bool:
+    """A float dtype a matmul can run in (fp8 is storage only)."""
+    return dtype.is_floating_point and not is_fp8(dtype)
 
 
 def quantize_rows(weight: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +53,71 @@ def quantize_rows(weight: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.T
     return q, scale
 
 
-class Fp8Linear(nn.Linear):
+class ManualCastLinear(nn.Linear):
+    """What Linear layers with a compact weight storage share (:class:`Fp8Linear`,
+    :class:`~grn_core.formats.GGUFLinear`): a ``compute_dtype`` and a bias kept in it, moves and casts that keep the
+    storage as it is, and a state dict in the plain Linear's language (official keys, float weights).
+
+    A subclass gives :meth:`_storage_device`, :meth:`_move_storage`, :meth:`set_weight`, :meth:`_set_bias` and
+    :meth:`upcast_weight`; ``_load_errors`` are the exceptions of those setters that become load error messages.
+    """
+
+    _load_errors: tuple[type[Exception], ...] = (ValueError,)
+
+    def _storage_device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _move_storage(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts (``.to``, ``.cuda()``, ``.half()``, ``to_empty``) keep the storage: a cast changes the
+        compute dtype (and the bias), a move moves everything."""
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._storage_device()))
+        if is_compute_dtype(probe.dtype):
+            self.compute_dtype = probe.dtype
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device == probe.device:
+                return t
+            return torch.empty_like(t, device=probe.device) if t.is_meta else t.to(probe.device)
+
+        self._move_storage(move)
+        if self.bias is not None:
+            self.bias = nn.Parameter(move(self.bias.detach()).to(self.compute_dtype), requires_grad=False)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.upcast_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if name == "bias" and self.bias is None:
+                if key in state_dict and strict:
+                    unexpected_keys.append(key)
+                continue
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            try:
+                if name == "weight":
+                    self.set_weight(state_dict[key])
+                else:
+                    self._set_bias(state_dict[key])
+            except self._load_errors as error:
+                error_msgs.append(f"{key}: {error}")
+        if strict:
+            for key in state_dict:
+                rest = key[len(prefix):] if key.startswith(prefix) else None
+                if rest is not None and "." not in rest and rest not in ("weight", "bias"):
+                    unexpected_keys.append(key)
+
+
+class Fp8Linear(ManualCastLinear):
     """A Linear layer whose ``weight`` is stored in fp8 (``[out, in]``) with an optional per-row float32 scale.
 
     ``forward(x)`` upcasts the weight (and bias) to ``x.dtype`` for the call ("manual cast"); code that runs its own
@@ -108,27 +177,22 @@ class Fp8Linear(nn.Linear):
             out.mul_(self.weight_scale.to(device=out.device))
         return out
 
-    def _apply(self, fn, recurse: bool = True):
-        """Moves and casts (``.to``, ``.cuda()``, ``.half()``, ``to_empty``) keep the fp8 storage and the float32
-        scales: a cast changes the compute dtype (and the bias), a move moves everything."""
-        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
-        if probe.is_floating_point() and not is_fp8(probe.dtype):
-            self.compute_dtype = probe.dtype
+    def _storage_device(self) -> torch.device:
+        return self.weight.device
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if t.device == probe.device:
-                return t
-            return torch.empty_like(t, device=probe.device) if t.is_meta else t.to(probe.device)
-
+    def _move_storage(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Moves keep the fp8 storage and the float32 scales."""
         self.weight = nn.Parameter(move(self.weight.detach()), requires_grad=False)
         if self.weight_scale is not None:
             self.weight_scale = move(self.weight_scale)
-        if self.bias is not None:
-            self.bias = nn.Parameter(move(self.bias.detach()).to(self.compute_dtype), requires_grad=False)
-        return self
+
+    def _set_bias(self, bias: torch.Tensor) -> None:
+        if tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+        self.bias = nn.Parameter(bias.detach().to(self.bias.device, self.compute_dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() and not is_fp8(x.dtype) else self.compute_dtype
+        dtype = x.dtype if is_compute_dtype(x.dtype) else self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), self.upcast_weight(dtype), bias)
 
@@ -136,40 +200,6 @@ class Fp8Linear(nn.Linear):
         scaled = "per-row scale" if self.weight_scale is not None else "unscaled"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"storage={self.fp8_dtype}, {scaled}, compute={self.compute_dtype}")
-
-    # The state dict speaks the plain Linear's language (official keys, float weights).
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.upcast_weight()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        for name in ("weight", "bias"):
-            key = prefix + name
-            if name == "bias" and self.bias is None:
-                if key in state_dict and strict:
-                    unexpected_keys.append(key)
-                continue
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            try:
-                if name == "weight":
-                    self.set_weight(value)
-                else:
-                    if tuple(value.shape) != (self.out_features,):
-                        raise ValueError(f"bias has shape {tuple(value.shape)}, expected ({self.out_features},)")
-                    self.bias = nn.Parameter(value.detach().to(self.bias.device, self.compute_dtype),
-                                             requires_grad=False)
-            except ValueError as error:
-                error_msgs.append(f"{key}: {error}")
-        if strict:
-            for key in state_dict:
-                rest = key[len(prefix):] if key.startswith(prefix) else None
-                if rest is not None and "." not in rest and rest not in ("weight", "bias"):
-                    unexpected_keys.append(key)
 
 
 def matmul_weight(layer: nn.Linear) -> torch.Tensor:
