@@ -239,7 +239,7 @@ class CFGParallel:
                 plan.guarded("sharing the logits' dtype", lambda: dist.broadcast(code, src=0))
                 self._dtype = _DTYPES[int(code.item())]
             if not plan.is_main:
-                cond = torch.empty(_logits_shape(refiner, bits), dtype=self._dtype, device=bits.device)
+                cond = torch.empty(_logits_shape(bits), dtype=self._dtype, device=bits.device)
             plan.guarded("receiving the conditional logits", lambda: dist.broadcast(cond, src=0))
             return cond, None
         mine, _ = refiner.step_logits(bits, step_value, text_cond if plan.is_main else text_uncond, None, **kwargs)
@@ -253,7 +253,7 @@ class CFGParallel:
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def _logits_shape(refiner: Any, bits: torch.Tensor) -> Tuple[int, ...]:
+def _logits_shape(bits: torch.Tensor) -> Tuple[int, ...]:
     rows, n_bits, t, h, w = bits.shape
     return (rows, t, h, w, n_bits, 2)
 

@@ -206,8 +206,8 @@ def _step(plan: _C2IPlan, run: _C2IRun, callback: Optional[Callable[[StepInfo], 
     # The unconditional pass's logits enter only the guided probabilities: a row's sum is NaN when one of them is.
     probs_bad = ~torch.isfinite(probs.flatten(1).sum(1, dtype=torch.float32)) if any(guided) else None
     sample, states = _advance(plan, run, probs)
-    entropy, fraction, label_counts = _record(plan, run, entropy_t, states, guided, probs_bad)
     totals = planned_steps(batch, settings)
+    entropy, fraction, label_counts = _record(plan, run, entropy_t, states, guided, max(totals), probs_bad)
     if callback is not None:
         info = _report(plan, run, sample, states, entropy, fraction, guided, label_counts, totals, preview_fn)
         if not call_callback(callback, info):
@@ -267,7 +267,7 @@ def _advance(plan: _C2IPlan, run: _C2IRun, probs: torch.Tensor) -> Tuple[torch.T
 
 
 def _record(plan: _C2IPlan, run: _C2IRun, entropy_t: torch.Tensor, states: torch.Tensor,
-            guided: List[bool],
+            guided: List[bool], total: int,
             probs_bad: Optional[torch.Tensor] = None) -> Tuple[List[float], List[float], torch.Tensor]:
     """Ledger entry of the step, from one device->host copy (mean entropy and label state counts per row).
 
@@ -280,7 +280,6 @@ def _record(plan: _C2IPlan, run: _C2IRun, entropy_t: torch.Tensor, states: torch
         columns.append(probs_bad.view(rows, 1).double())
     stats = torch.cat(columns, dim=1).cpu()
     entropy = stats[:, 0].tolist()
-    total = max(planned_steps(batch, plan.settings))
     check_finite_step(entropy, run.step, total, batch.ids, what="class-to-image network")
     if probs_bad is not None:
         check_finite_step([math.nan if bad else 0.0 for bad in stats[:, 5].tolist()], run.step, total, batch.ids,

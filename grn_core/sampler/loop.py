@@ -73,7 +73,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bookkeeping import RunLedger, call_callback, draw_uniforms, make_step_info, sample_seeds
+from .bookkeeping import SEED_MODULUS, RunLedger, call_callback, draw_uniforms, make_step_info, sample_seeds
 from .events import SamplingResult, StepInfo
 from .running import RunningBatch, decide_steps, planned_steps, preview_due, row_temperatures
 from .schedule import bit_keep_fraction, layout_cap
@@ -83,8 +83,6 @@ from .step import StepOutput, fused_step_reference, mean_bit_entropy
 log = logging.getLogger(__name__)
 
 TextArg = Any  # features [L, C], a list of B of them, or an object from refiner.prepare_text(...)
-
-SEED_LIMIT = 1 << 64
 
 
 class NonFiniteLogitsError(ValueError):
@@ -97,8 +95,8 @@ def check_seed_range(seed: Optional[int]) -> None:
         return
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
-    if not 0 <= int(seed) < SEED_LIMIT:
-        raise ValueError(f"seed {seed} is outside 0..{SEED_LIMIT - 1} (seeds are 64-bit); pick one in that range")
+    if not 0 <= int(seed) < SEED_MODULUS:
+        raise ValueError(f"seed {seed} is outside 0..{SEED_MODULUS - 1} (seeds are 64-bit); pick one in that range")
 
 
 def check_finite_step(entropy: Sequence[float], step: int, total: int, ids: Sequence[int], what: str = "refiner",
@@ -464,7 +462,8 @@ def _prepare(plan: _BitPlan) -> _BitRun:
 
 def _start_from_source(plan: _BitPlan, batch: RunningBatch, z: torch.Tensor) -> None:
     """x_k = where(keep_k, init, Z) with keep_k ~ Bernoulli(r_k) (uniforms drawn right after Z, only when k > 0),
-    fixed bits := init; columns ``init`` and ``fixed`` for the per-step clamp; r_k = realised kept fraction."""
+    fixed bits := init; columns ``fixed`` and ``forced`` (their sampling uniforms) for the per-step clamp;
+    r_k = realised kept fraction."""
     rows = len(batch)
     init = _flat(plan, plan.init_bits, rows)
     k = plan.start_step
@@ -479,7 +478,7 @@ def _start_from_source(plan: _BitPlan, batch: RunningBatch, z: torch.Tensor) -> 
         fixed = _flat(plan, plan.fixed, rows).expand(-1, -1, plan.n_bits).contiguous()
         kept = kept | fixed
         batch["fixed"] = fixed
-        batch["init"] = init
+        batch["forced"] = torch.where(init.bool(), -1.0, 2.0)  # the sampling uniforms at fixed bits, every step
     batch["x"] = torch.where(kept, init, z)
     batch["kept"] = kept
     batch["fraction"] = kept.flatten(1).double().mean(1).tolist()
@@ -502,8 +501,9 @@ def _step(plan: _BitPlan, run: _BitRun, callback: Optional[Callable[[StepInfo], 
     uncond_bad = ~torch.isfinite(uncond.flatten(1).sum(1, dtype=torch.float32)) if uncond is not None else None
     out = _fused_step(plan, run, cond, uncond, guided)
     del cond, uncond  # the logits are a step's largest tensors: free them before the callback runs
-    entropy, bit_counts = _advance(plan, run, out, branches=2 if any(guided) else 1, uncond_bad=uncond_bad)
     totals = planned_steps(batch, settings)
+    entropy, bit_counts = _advance(plan, run, out, branches=2 if any(guided) else 1, total=max(totals),
+                                   uncond_bad=uncond_bad)
     if callback is not None:
         info = _report(plan, run, out, entropy, guided, bit_counts, totals, preview_fn)
         if not call_callback(callback, info):
@@ -555,9 +555,9 @@ def _fused_step(plan: _BitPlan, run: _BitRun, cond: torch.Tensor, uncond: Option
     tau = row_temperatures(batch, settings)
     uniforms = draw_uniforms(batch.generators, (plan.tokens, plan.n_bits), device)
     if "fixed" in batch:  # clamp fixed bits to the source through the uniforms (module docstring, "Editing")
-        fixed, init = batch["fixed"], batch["init"]
-        forced = torch.where(init.bool(), -1.0, 2.0)
-        uniforms = torch.stack([torch.where(fixed, forced, uniforms[0]), uniforms[1].masked_fill(fixed, -1.0)])
+        fixed = batch["fixed"]  # uniforms is this step's own fresh tensor: overwrite it in place
+        uniforms[0] = torch.where(fixed, batch["forced"], uniforms[0])
+        uniforms[1].masked_fill_(fixed, -1.0)
     args = (cond, uncond, torch.tensor(weight, device=device), torch.tensor(tau, device=device),
             uniforms[0], uniforms[1], batch["z"], torch.tensor(keep_prob, dtype=torch.float32, device=device),
             batch["kept"], batch["x"])
@@ -571,13 +571,14 @@ def _fused_step(plan: _BitPlan, run: _BitRun, cond: torch.Tensor, uncond: Option
         return fused_step(*args)
 
 
-def _advance(plan: _BitPlan, run: _BitRun, out: StepOutput, branches: int,
+def _advance(plan: _BitPlan, run: _BitRun, out: StepOutput, branches: int, total: int,
              uncond_bad: Optional[torch.Tensor] = None) -> Tuple[List[float], torch.Tensor]:
     """Make the step the rows' state: x_{i+1}, its kept mask, and r_{i+1} = realised kept fraction (FILL + KEEP).
 
     One small device->host copy per step (entropy sums, bit state counts and, when guided, whether the
     unconditional logits were finite). Returns each row's mean entropy and the CPU ``[R, 4]`` bit state counts;
-    raises :class:`NonFiniteLogitsError` (naming the step) before anything of a non-finite step is recorded.
+    raises :class:`NonFiniteLogitsError` (naming the step of ``total``, the longest planned run) before anything
+    of a non-finite step is recorded.
     """
     batch = run.batch
     rows = len(batch)
@@ -587,7 +588,6 @@ def _advance(plan: _BitPlan, run: _BitRun, out: StepOutput, branches: int,
     stats = torch.cat(columns, dim=1).cpu()
     n = float(plan.tokens * plan.n_bits)
     entropy = (stats[:, 0] / n).tolist()
-    total = max(planned_steps(batch, plan.settings))
     check_finite_step(entropy, run.step, total, batch.ids)
     if uncond_bad is not None:
         check_finite_step([math.nan if bad else 0.0 for bad in stats[:, 5].tolist()], run.step, total, batch.ids,
