@@ -424,12 +424,15 @@ def generate_tokens(
     callback: Optional[Callable[[StepInfo], Any]] = None,
     preview: bool = True,
     first_frame_bits: Optional[torch.Tensor] = None,
+    branches: Any = None,
 ) -> TokenResult:
     """Run the refinement sampler for ``request``.
 
     I2V takes the first frame either as an image ``first_frame`` ``[3, H, W]`` in [-1, 1] at the request's size
     (:func:`grn_core.request.prepare_first_frame` makes one from any picture), or as its tokens ``first_frame_bits``
     ``[1, rounds*d, t, h, w]`` (e.g. from encoding an image; the first latent frame is used, no decode/encode trip).
+    ``branches``: where a step's logits are computed (``grn_core.sampler.loop`` "Parallel sampling"; e.g.
+    ``grn_core.runtime.distributed.CFGParallel``); None: this process.
     """
     task = features.task
     if model.is_c2i:
@@ -468,6 +471,7 @@ def generate_tokens(
             grid=grid, batch_size=request.batch_size, seed=request.seed, settings=settings,
             aspect_ratio=request.height / request.width, first_frame_bits=first_frame_bits,
             callback=callback, preview_fn=preview_fn, init_bits=init_bits, fixed=fixed, start_step=start_step,
+            branches=branches,
         )
     return TokenResult(result.bits, result, task, request.width, request.height, request.frames)
 

@@ -23,7 +23,6 @@ files before loading them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -38,7 +37,6 @@ import torch
 
 from ..runtime.distributed import NOT_YET, PARALLEL_CHOICES, DEFAULT_TIMEOUT_S, CFGParallel, ParallelPlan, \
     check_parallel_mode
-from ..sampler.loop import use_branches
 from ..media import StagedFile, check_fps, check_output, encode_frames, to_uint8
 from ..request import SizeSpec, negative_prompt, plan_size, prepare_first_frame, resolve_settings
 from ..sampler import StepInfo
@@ -406,10 +404,9 @@ def _sample_prompt(args: argparse.Namespace, model: Any, encoder: Any, task: str
     request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,
                                 settings=settings, init_bits=init_bits, fixed=fixed, strength=strength)
     try:
-        with ctrl_c.cooperative(model.refiner), (use_branches(branches) if branches is not None
-                                                 else contextlib.nullcontext()):
+        with ctrl_c.cooperative(model.refiner):
             return generate_tokens(model, feats, request, first_frame=image, callback=on_step,
-                                   preview=args.preview_dir is not None)
+                                   preview=args.preview_dir is not None, branches=branches)
     finally:
         progress.close()
 

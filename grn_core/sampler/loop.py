@@ -53,8 +53,7 @@ aspect_ratio=..., first_frame_bits=...)``. The default, :class:`LocalBranches`, 
 this process; ``grn_core.runtime.distributed.CFGParallel`` computes one branch per rank and exchanges the logits. A
 strategy must return on every rank exactly the logits one process would compute; everything after it (the fused step,
 the random numbers, retirement) is the same code on every rank, so ranks stay in lockstep. Pass it as
-``sample_bits(..., branches=...)``, or around callers that do not take the argument (``pipeline.generate_tokens``)
-as ``with use_branches(strategy): ...``.
+``sample_bits(..., branches=...)`` (``pipeline.generate_tokens`` passes its own ``branches=`` through).
 
 Code: ``sample_bits`` = ``_validate`` (every check before any work) -> ``_prepare`` (Z, x_0, r_0 as columns of
 the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advance``, ``_report``, retirement)
@@ -63,13 +62,11 @@ the running batch) -> ``_step`` per step (``_logits``, ``_fused_step``, ``_advan
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -148,19 +145,6 @@ class LocalBranches:
     def logits(self, refiner: Any, bits: torch.Tensor, step_value: torch.Tensor, text_cond: Any,
                text_uncond: Optional[Any], **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return refiner.step_logits(bits, step_value, text_cond, text_uncond, **kwargs)
-
-
-_BRANCHES: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("grn_branches", default=None)
-
-
-@contextlib.contextmanager
-def use_branches(strategy: Any) -> Iterator[None]:
-    """Every ``sample_bits`` call inside (that is not handed ``branches=``) uses ``strategy``."""
-    token = _BRANCHES.set(strategy)
-    try:
-        yield
-    finally:
-        _BRANCHES.reset(token)
 
 
 class TextBranch:
@@ -315,8 +299,8 @@ def sample_bits(
         preview_fn: called with the current full sample bits ``[n, rounds*d, t_gen, h, w]`` every
             ``settings.preview_every`` steps; its return value is put in ``StepInfo.preview``.
         init_bits / fixed / start_step: refine or inpaint a source (module docstring, "Editing").
-        branches: how a step's logits are computed (module docstring, "Parallel sampling"); default the one set
-            by ``use_branches``, else :class:`LocalBranches`.
+        branches: how a step's logits are computed (module docstring, "Parallel sampling"); default
+            :class:`LocalBranches` (this process).
     Returns:
         ``SamplingResult`` with ``bits`` uint8 ``[B, rounds*d, t, h, w]`` (I2V: given frame first).
     """
@@ -373,7 +357,7 @@ def _validate(refiner: Any, text_cond: TextArg, text_uncond: Optional[TextArg], 
         first_frame_bits=first_frame_bits, init_bits=init_bits, fixed=fixed, start_step=start_step,
         seeds=seeds, device=device,
         use_triton=resolve_kernel(settings.kernel, device),
-        branches=branches if branches is not None else (_BRANCHES.get() or LocalBranches()),
+        branches=branches if branches is not None else LocalBranches(),
     )
 
 
@@ -629,5 +613,5 @@ def official_keep_fractions(steps: int, cap: float, shift: float = 1.0) -> Seque
     return [bit_keep_fraction(i, steps, cap, shift) for i in range(steps)]
 
 
-__all__ = ["LocalBranches", "use_branches", "NonFiniteLogitsError", "check_finite_step", "check_seed_range", "sample_bits",
+__all__ = ["LocalBranches", "NonFiniteLogitsError", "check_finite_step", "check_seed_range", "sample_bits",
            "official_keep_fractions", "resolve_kernel", "model_device"]
