@@ -35,7 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..runtime.distributed import NOT_YET, PARALLEL_CHOICES, DEFAULT_TIMEOUT_S, CFGParallel, ParallelPlan, \
+from ..runtime.distributed import NOT_YET, PARALLEL_CHOICES, DEFAULT_TIMEOUT_S, ParallelPlan, branch_strategy, \
     check_parallel_mode
 from ..media import StagedFile, check_fps, check_output, encode_frames, to_uint8
 from ..request import SizeSpec, negative_prompt, plan_size, prepare_first_frame, resolve_settings
@@ -354,7 +354,7 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
             progress.close()
         jobs = [(0, args, tokens)]
     else:
-        branches = CFGParallel(parallel) if args.parallel == "cfg" else None
+        branches = branch_strategy(parallel, args.parallel)
         mine = parallel.shard(len(outs)) if args.parallel == "data" else list(range(len(outs)))
         jobs = []
         for i in mine:

@@ -250,6 +250,15 @@ class CFGParallel:
         return both[0], both[1]
 
 
+def branch_strategy(plan: ParallelPlan, mode: Optional[str]) -> Optional[Any]:
+    """The sampler's branch strategy for ``--parallel mode`` on ``plan`` (None: each rank samples alone, as
+    ``data`` and a single process do)."""
+    if mode is None or mode == "data" or not plan.active:
+        return None
+    check_parallel_mode(mode, plan.world_size)
+    return CFGParallel(plan)
+
+
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -274,5 +283,5 @@ def ulysses_bytes(seq: int, width: int, depth: int, bytes_per_value: int = 2, te
     return tensors * seq * width * bytes_per_value * depth
 
 
-__all__ = ["CFGParallel", "DistributedError", "NOT_YET", "PARALLEL_CHOICES", "ParallelPlan", "check_parallel_mode",
+__all__ = ["CFGParallel", "DistributedError", "branch_strategy", "NOT_YET", "PARALLEL_CHOICES", "ParallelPlan", "check_parallel_mode",
            "file_fingerprint", "logits_exchange_bytes", "ulysses_bytes"]
