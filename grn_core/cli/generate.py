@@ -15,8 +15,9 @@ sidecar) for the i-th prompt (from 0), each with ``--seed``, so file i equals ``
 
 Several processes (``torchrun --nproc-per-node N -m grn_core generate ... --parallel MODE``, see
 :mod:`grn_core.runtime.distributed`): ``cfg`` (N = 2) splits the two guidance branches of every step between the two
-ranks; ``data`` (any N, with ``--prompts``) gives rank r the prompts i with i % N == r, each rank decoding its own and
-rank 0 writing them all. Only rank 0 prints progress and writes files; every rank checks that it has the same model
+ranks; ``sp`` (N dividing the refiner's heads) splits every step's packed sequence over the N ranks (Ulysses);
+``cfg+sp`` (N = 2P) gives each guidance branch P ranks that split its sequence; ``data`` (any N, with ``--prompts``)
+gives rank r the prompts i with i % N == r, each rank decoding its own and rank 0 writing them all. Only rank 0 prints progress and writes files; every rank checks that it has the same model
 files before loading them.
 """
 
@@ -35,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..runtime.distributed import NOT_YET, PARALLEL_CHOICES, DEFAULT_TIMEOUT_S, ParallelPlan, branch_strategy, \
+from ..runtime.distributed import PARALLEL_CHOICES, DEFAULT_TIMEOUT_S, ParallelPlan, branch_strategy, \
     check_parallel_mode
 from ..media import StagedFile, check_fps, check_output, encode_frames, to_uint8
 from ..request import SizeSpec, negative_prompt, plan_size, prepare_first_frame, resolve_settings
@@ -104,8 +105,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a text file, one prompt a line: OUT_stem_{i}.suffix for the i-th (from 0), each with "
                              "--seed (instead of --prompt)")
     parser.add_argument("--parallel", default=None, metavar="|".join(PARALLEL_CHOICES),
-                        help="under torchrun: cfg (2 processes, one guidance branch each) or data (--prompts spread "
-                             "over the processes); sp / cfg+sp are not implemented yet")
+                        help="under torchrun: cfg (2 processes, one guidance branch each), sp (N processes split "
+                             "each step's sequence; N divides the heads), cfg+sp (2P processes: P per branch) or data "
+                             "(--prompts spread over the processes)")
     parser.add_argument("--parallel-timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds a rank waits for the others before giving up with an error (default 1800)")
 
@@ -236,7 +238,7 @@ def _parallel_plan(args: argparse.Namespace) -> ParallelPlan:
     check_parallel_mode(mode, world)
     if mode == "data" and getattr(args, "prompts", None) is None:
         raise ValueError("--parallel data spreads prompts over the processes: give --prompts FILE (one prompt a "
-                         "line). For one prompt use --parallel cfg (2 processes).")
+                         "line). For one prompt use --parallel cfg (2 processes) or --parallel sp.")
     if "WORLD_SIZE" not in os.environ:  # data parallel over 1 process: no group needed
         return ParallelPlan.single(args.device)
     plan = ParallelPlan.from_env(args.device, timeout_s=getattr(args, "parallel_timeout", DEFAULT_TIMEOUT_S))
@@ -319,17 +321,21 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
         model, encoder, default_task = load_from_args(args)
     task = args.task or default_task
     check_flags(args, task)
-    if args.parallel == "cfg" and task == "c2i":
-        raise ValueError("--parallel cfg splits the text guidance branches; class-to-image is not supported yet. Run "
-                         "it without --parallel.")
+    splits_steps = args.parallel in ("cfg", "sp", "cfg+sp")  # every rank takes part in every step
+    if splits_steps and task == "c2i":
+        raise ValueError(f"--parallel {args.parallel} splits the text-conditioned refiner's steps; class-to-image is "
+                         "not supported yet. Run it without --parallel (or --parallel data with --prompts).")
+    if parallel.active:
+        config = model.refiner.config
+        check_parallel_mode(args.parallel, parallel.world_size, (config.heads, config.kv_heads))
     _size_from_tokens(args, edit, model)
     plan, settings = _check_plan(args, model, task, out, rule)
     if plan.snapped:
         warn(f"making {plan.note}.")
     negative = negative_prompt(model, task, args.negative)
     check_memory(model, plan.width, plan.height, plan.frames, task, settings.guidance)
-    if args.parallel == "cfg" and settings.guidance == 1.0:
-        warn("--parallel cfg with guidance 1: there is no unconditional branch, rank 1 only waits.")
+    if args.parallel in ("cfg", "cfg+sp") and settings.guidance == 1.0:
+        warn(f"--parallel {args.parallel} with guidance 1: there is no unconditional branch, its ranks only wait.")
 
     progress = ProgressLine()
     if args.preview_dir is not None:
@@ -362,8 +368,8 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
             tokens = _sample_prompt(job_args, model, encoder, task, negative, plan, settings, picture, edit, ctrl_c,
                                     on_step, progress, branches)
             jobs.append((i, job_args, tokens))
-    if args.parallel == "cfg" and not main_rank:
-        return 0  # rank 1 helped sample; rank 0 decodes and writes
+    if splits_steps and not main_rank:
+        return 0  # the other ranks helped sample; rank 0 decodes and writes
     done = []  # (index, uint8 pixels, sidecar text, bits or None, summary)
     for i, job_args, tokens in jobs:
         with stage("decoding"):

@@ -27,6 +27,12 @@ Runtime (see :mod:`grn_core.runtime`):
 - attention: :meth:`GRNRefiner.set_attention` — ``auto`` (FlashAttention when installed and usable, else SDPA),
   ``sdpa``, ``flash``, ``sage``;
 - block offload: :meth:`GRNRefiner.enable_block_offload` streams the last N blocks from the CPU for every pass;
+- sequence parallel (Ulysses): :meth:`GRNRefiner.step_logits` given ``split=`` (a :class:`SequenceSplit`, e.g.
+  ``grn_core.runtime.distributed.UlyssesSplit``) runs on this rank's share of the packed rows only. Every row-wise
+  op (norms, projections, RoPE, MLP) needs nothing from other rows; attention does, so before it an all-to-all turns
+  "my rows, all heads" into "all rows, my heads" (each head attends over the whole sequence, exactly as one process
+  does), and after it the inverse turns the output back. The head's logits are gathered so every rank returns the
+  whole ``[B, t, h, w, bits, 2]``;
 - autograd: one pass serves sampling and training. With autograd off (``step_logits``) it overwrites intermediates
   in place; with autograd on (``forward`` in training) the same ops run out of place, so it is differentiable and
   gives the same values.
@@ -52,7 +58,7 @@ from .buckets import aspect_template
 from .config import RefinerConfig
 from .rope import TEXT_MAX_TOKENS, apply_rope, rope_table, step_positions, text_positions, visual_positions
 
-__all__ = ["GRNRefiner", "RefinerInterrupted", "TextContext"]
+__all__ = ["GRNRefiner", "RefinerInterrupted", "SequenceSplit", "TextContext"]
 
 TextInput = Union[torch.Tensor, Sequence[torch.Tensor], "TextContext"]
 
@@ -196,6 +202,16 @@ class BitHead(nn.Module):
         return F.linear(h, self.proj.weight.to(work), self.proj.bias.to(work))
 
 
+def _my_rows(t: torch.Tensor, split: "SequenceSplit") -> torch.Tensor:
+    """Rows ``r*n .. (r+1)*n - 1`` of ``t`` padded with zero rows to ``world * n``, ``n = ceil(len(t) / world)``."""
+    n = -(-t.shape[0] // split.world)
+    lo, hi = split.rank * n, (split.rank + 1) * n
+    mine = t[lo:min(hi, t.shape[0])]
+    if mine.shape[0] < n:
+        mine = torch.cat([mine, mine.new_zeros((n - mine.shape[0],) + tuple(t.shape[1:]))])
+    return mine
+
+
 def _resident(blocks: Sequence[Block]):
     """Generator over blocks already on the device (closable, like ``BlockOffload.blocks_on``)."""
     yield from blocks
@@ -248,6 +264,40 @@ class _Plan:
     runs: tuple[_Run, ...]
     rope: torch.Tensor  # [rows, 1, head_dim/2] complex
     visual_index: torch.Tensor  # [branches * B * t*h*w] rows of the visual tokens, branch-major then sample
+
+
+class SequenceSplit:
+    """What the refiner needs from a sequence-parallel group (Ulysses) of ``world`` ranks; this is rank ``rank``.
+
+    The packed ``[N, width]`` rows are padded to ``world * n`` (``n = ceil(N / world)``) and rank ``r`` keeps rows
+    ``r*n .. (r+1)*n - 1``. Heads are split in ``world`` equal groups; rank ``r`` attends with group ``r``.
+
+    - ``scatter_heads(t [n, H, D]) -> [world*n, H/world, D]``: every rank's rows (in rank order), my heads;
+    - ``gather_heads(t [world*n, H/world, D]) -> [n, H, D]``: the inverse;
+    - ``gather_rows(t [n, C]) -> [world*n, C]``: every rank's rows, in rank order.
+    ``grn_core.runtime.distributed.UlyssesSplit`` implements them with ``torch.distributed`` collectives.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def scatter_heads(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_split_heads(config: RefinerConfig, world: int) -> None:
+    """Ulysses needs the query and the key/value heads divisible by the degree: ValueError listing the choices."""
+    if world < 1 or config.heads % world or config.kv_heads % world:
+        valid = [p for p in range(1, config.kv_heads + 1) if config.heads % p == 0 and config.kv_heads % p == 0]
+        raise ValueError(f"sequence parallel over {world} ranks: this refiner has {config.heads} attention heads "
+                         f"({config.kv_heads} key/value heads), which {world} does not divide. Valid degrees: "
+                         f"{', '.join(map(str, valid))}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -433,10 +483,17 @@ class GRNRefiner(nn.Module):
         runs: Sequence[_Run],
         layer: int,
         contexts: Sequence[TextContext] = (),
+        split: SequenceSplit | None = None,
     ) -> torch.Tensor:
-        """One block on the packed tokens ``x [N, width]``; attention within each run's sequences."""
+        """One block on the packed tokens ``x [N, width]`` (with ``split``: this rank's rows); attention within each
+        run's sequences."""
         q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
-        attn = self._attend(q, k, v, runs, layer, contexts)
+        if split is not None:  # my rows, all heads -> all rows, my heads (and back after attention)
+            q, k, v = (split.scatter_heads(t.contiguous()) for t in (q, k, v))
+            attn = self._attend(q, k, v, runs, layer, contexts, split)
+            attn = split.gather_heads(attn.view(attn.shape[0], q.shape[1], -1)).flatten(1)
+        else:
+            attn = self._attend(q, k, v, runs, layer, contexts)
         # Release attention's tensors before the MLP, whose hidden activations are the block's largest: the q/k/v
         # buffer and the attention output alive beside them would add ~5 widths per row to the step's peak
         # (runtime.memory.refiner_step_bytes counts the MLP phase without them).
@@ -446,24 +503,34 @@ class GRNRefiner(nn.Module):
         return block.mlp(_rms_norm(x, block.post_attention_layernorm), residual=x)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: Sequence[_Run], layer: int,
-                contexts: Sequence[TextContext]) -> torch.Tensor:
-        """Attention of the packed ``q, k, v [N, heads, head_dim]`` within each run's sequences -> ``[N, ...]``."""
-        cfg = self.config
+                contexts: Sequence[TextContext], split: SequenceSplit | None = None) -> torch.Tensor:
+        """Attention of the packed ``q [N, H, D]``, ``k, v [N, Hkv, D]`` within each run's sequences -> ``[N, H*D]``.
+
+        Under ``split`` the heads are this rank's group and ``N`` may hold padding rows past the last run (their
+        output is zero)."""
+        hd = self.config.head_dim
+        heads, kv_heads = q.shape[1], k.shape[1]
         # Each run's output is copied once, straight into its rows (the backend's [n, L, H, D] view is strided, so
         # one copy is needed anyway; a per-run reshape and a concatenation would make two). Autograd records copies
         # into slices of a buffer (CopySlices hands each run's rows their share of the gradient), so training runs
         # this same code.
-        out = torch.empty(q.shape[0], cfg.heads * cfg.head_dim, dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape[0], heads * hd, dtype=q.dtype, device=q.device)
+        covered = runs[-1].start + runs[-1].count * runs[-1].length if runs else 0
+        if covered < q.shape[0]:
+            out[covered:].zero_()
         for run in runs:
             rows = slice(run.start, run.start + run.count * run.length)
-            q_r = q[rows].view(run.count, run.length, cfg.heads, cfg.head_dim)
-            k_r = k[rows].view(run.count, run.length, cfg.kv_heads, cfg.head_dim)
-            v_r = v[rows].view(run.count, run.length, cfg.kv_heads, cfg.head_dim)
+            q_r = q[rows].view(run.count, run.length, heads, hd)
+            k_r = k[rows].view(run.count, run.length, kv_heads, hd)
+            v_r = v[rows].view(run.count, run.length, kv_heads, hd)
             if run.text_length:  # prefix layout: prepend the cached text K/V of each sequence's branch
                 ctx = contexts[run.branch]
                 k_t, v_t = self._text_kv(ctx, layer, run)
+                if split is not None:  # the cache holds every head: take this rank's group
+                    k_t = k_t[:, :, split.rank * kv_heads:(split.rank + 1) * kv_heads]
+                    v_t = v_t[:, :, split.rank * kv_heads:(split.rank + 1) * kv_heads]
                 k_r, v_r = torch.cat([k_t, k_r], dim=1), torch.cat([v_t, v_r], dim=1)
-            out[rows].view(run.count, run.length, cfg.heads, cfg.head_dim).copy_(self._sdpa(q_r, k_r, v_r))
+            out[rows].view(run.count, run.length, heads, hd).copy_(self._sdpa(q_r, k_r, v_r))
         return out
 
     @staticmethod
@@ -694,8 +761,10 @@ class GRNRefiner(nn.Module):
         text_uncond: TextInput | None,
         aspect_ratio: float | None,
         first_frame_bits: torch.Tensor | None,
+        split: SequenceSplit | None = None,
     ) -> tuple[torch.Tensor, _Plan, tuple[int, int, int], int]:
-        """Run all blocks on the packed sequence; returns the final hidden states ``[N, width]`` and the plan."""
+        """Run all blocks on the packed sequence; returns the final hidden states ``[N, width]`` and the plan
+        (with ``split``: this rank's ``ceil(N / world)`` rows of the padded sequence)."""
         cfg = self.config
         self._check_bits(bits, "bits")
         batch, _, t, h, w = bits.shape
@@ -735,10 +804,14 @@ class GRNRefiner(nn.Module):
                     pieces.append(ctx.tokens[b if ctx.num_items > 1 else 0])
                 pieces.append(step[b:b + 1])
         x = torch.cat(pieces)
+        rope = plan.rope
+        if split is not None:
+            check_split_heads(cfg, split.world)
+            x, rope = _my_rows(x, split), _my_rows(rope, split)
         with self._block_pass() as blocks:
             for layer, block in enumerate(blocks):
                 _check_stop(self, layer)
-                x = self._block(block, x, plan.rope, plan.runs, layer, contexts)
+                x = self._block(block, x, rope, plan.runs, layer, contexts, split)
         return x, plan, (t, h, w), len(contexts)
 
     @torch.no_grad()
@@ -750,6 +823,7 @@ class GRNRefiner(nn.Module):
         text_uncond: TextInput | None = None,
         aspect_ratio: float | None = None,
         first_frame_bits: torch.Tensor | None = None,
+        split: SequenceSplit | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bit logits of one refinement step for the conditional and (optionally) the unconditional branch.
 
@@ -763,12 +837,14 @@ class GRNRefiner(nn.Module):
             aspect_ratio: ``h / w`` of the request; mapped to the nearest of the 15 templates (truncated to 3
                 decimals) for the RoPE positions. ``None`` uses the grid's own ``h / w``.
             first_frame_bits: I2V only, ``[B or 1, rounds*d, 1, h, w]`` clean bits of the given first frame.
+            split: sequence parallel (module docstring): every rank of the group calls with the same arguments and
+                its own split, and all get the whole logits.
         Returns:
             ``(cond, uncond)`` logits, each ``[B, t, h, w, rounds*d, 2]`` in the compute dtype (float32 for half
             models), or ``uncond = None``.
         """
         # No autograd here: the pass takes its in-place kernels (see _recording), and samplers get no graph.
-        return self._logits(bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
+        return self._logits(bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits, split)
 
     def forward(
         self,
@@ -798,12 +874,16 @@ class GRNRefiner(nn.Module):
         text_uncond: TextInput | None,
         aspect_ratio: float | None,
         first_frame_bits: torch.Tensor | None,
+        split: SequenceSplit | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(cond, uncond or None)`` = ``head(RMS(x_L[visual]))`` per branch, in the caller's autograd mode."""
         x, plan, (t, h, w), branches = self._forward_packed(
-            bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
+            bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits, split)
         batch = bits.shape[0]
-        logits = self.head(x.index_select(0, plan.visual_index))
+        if split is not None:  # the head on my rows, then every rank's (logits are narrower than the width)
+            logits = split.gather_rows(self.head(x))[:plan.rows].index_select(0, plan.visual_index)
+        else:
+            logits = self.head(x.index_select(0, plan.visual_index))
         logits = logits.view(branches, batch, t, h, w, self.config.bits, 2)
         return logits[0], (logits[1] if branches > 1 else None)
 
@@ -816,11 +896,13 @@ class GRNRefiner(nn.Module):
         text_uncond: TextInput | None = None,
         aspect_ratio: float | None = None,
         first_frame_bits: torch.Tensor | None = None,
+        split: SequenceSplit | None = None,
     ) -> torch.Tensor:
         """Head output for *every* row of the packed sequence, ``[N, rounds*d*2]`` (for golden tests / debugging).
 
         Row order is the official one: cond branch, then uncond; per branch and sample ``[visual | first frame |
         text | step token]`` (joint) or ``[visual | step token]`` (prefix). Only the visual rows are meaningful.
         """
-        x, _, _, _ = self._forward_packed(bits, step_value, text_cond, text_uncond, aspect_ratio, first_frame_bits)
-        return self.head(x)
+        x, plan, _, _ = self._forward_packed(bits, step_value, text_cond, text_uncond, aspect_ratio,
+                                             first_frame_bits, split)
+        return self.head(x) if split is None else split.gather_rows(self.head(x))[:plan.rows]

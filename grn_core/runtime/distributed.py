@@ -28,8 +28,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-PARALLEL_CHOICES = ("cfg", "data")
-NOT_YET = ("sp", "cfg+sp")          # Ulysses sequence parallel: accepted names, refused with "not implemented yet"
+PARALLEL_CHOICES = ("cfg", "sp", "cfg+sp", "data")
 DEFAULT_TIMEOUT_S = 1800.0          # torch's own default for gloo and NCCL collectives
 FINGERPRINT_BYTES = 1 << 20
 
@@ -191,21 +190,105 @@ class ParallelPlan:
             self.backend = None
 
 
-def check_parallel_mode(mode: Optional[str], world_size: int) -> None:
-    """``--parallel`` against the number of processes (ValueError listing what fits)."""
+def check_parallel_mode(mode: Optional[str], world_size: int, heads: Optional[Tuple[int, int]] = None) -> None:
+    """``--parallel`` against the number of processes and, when known, the refiner's ``(heads, kv_heads)``
+    (ValueError listing what fits)."""
     if mode is None:
         return
-    if mode in NOT_YET:
-        raise ValueError(f"--parallel {mode} (Ulysses sequence parallel) is not implemented yet; use --parallel cfg "
-                         "(2 processes: the two guidance branches) or --parallel data (any number: prompts spread "
-                         "over the processes).")
     if mode not in PARALLEL_CHOICES:
-        raise ValueError(f"--parallel {mode!r}: use one of {', '.join(PARALLEL_CHOICES)} "
-                         f"(not yet: {', '.join(NOT_YET)}).")
+        raise ValueError(f"--parallel {mode!r}: use one of {', '.join(PARALLEL_CHOICES)}.")
     if mode == "cfg" and world_size != 2:
         raise ValueError(f"--parallel cfg needs exactly 2 processes (rank 0 the conditional branch, rank 1 the "
                          f"unconditional one), got {world_size}. Valid choices: torchrun --nproc-per-node 2 ... "
-                         f"--parallel cfg; or --parallel data with any number of processes (with --prompts FILE).")
+                         f"--parallel cfg; --parallel sp with any number that divides the heads; or --parallel data "
+                         f"with any number of processes (with --prompts FILE).")
+    if mode == "cfg+sp" and (world_size < 4 or world_size % 2):
+        raise ValueError(f"--parallel cfg+sp needs an even number of processes, at least 4 (two groups of "
+                         f"{max(2, world_size // 2)}: one per guidance branch, each splitting its sequence), got "
+                         f"{world_size}. With 2 processes use --parallel cfg or --parallel sp.")
+    if mode == "sp" and world_size < 2:
+        raise ValueError("--parallel sp needs at least 2 processes (torchrun --nproc-per-node N, N dividing the "
+                         "refiner's heads).")
+    if heads is not None and mode in ("sp", "cfg+sp"):
+        degree = sp_degree(mode, world_size)
+        n_heads, n_kv = heads
+        if n_heads % degree or n_kv % degree:
+            valid = [p for p in range(2, n_kv + 1) if n_heads % p == 0 and n_kv % p == 0]
+            per = " (the processes of each guidance branch)" if mode == "cfg+sp" else ""
+            counts = [p * (2 if mode == "cfg+sp" else 1) for p in valid]
+            raise ValueError(f"--parallel {mode} splits attention heads over {degree} processes{per}, but this "
+                             f"refiner has {n_heads} heads ({n_kv} key/value heads), which {degree} does not divide. "
+                             f"Valid process counts for --parallel {mode}: {', '.join(map(str, counts))}.")
+
+
+def sp_degree(mode: Optional[str], world_size: int) -> int:
+    """How many ranks share one sequence: all of them for ``sp``, half for ``cfg+sp``, else 1."""
+    return world_size if mode == "sp" else world_size // 2 if mode == "cfg+sp" else 1
+
+
+class UlyssesSplit:
+    """One rank's view of a sequence-parallel group (``grn_core.refiner.model.SequenceSplit``): the all-to-alls
+    and the row gather the refiner calls, on a process group (``torch.distributed``; gloo or NCCL).
+
+    ``scatter_heads``: rank r holds rows ``[n, H, D]``; chunk the heads in ``world`` groups and send group j to rank j;
+    what arrives from rank i is rank i's rows with my head group, so stacking arrivals in rank order gives all
+    ``world * n`` rows with ``H / world`` heads. ``gather_heads`` is the same exchange read backwards. One
+    ``all_to_all_single`` each; bytes per rank per call: ``n * H * D * (world - 1) / world`` values.
+    """
+
+    def __init__(self, plan: ParallelPlan, ranks: Sequence[int], group: Any = None):
+        """``ranks``: the global ranks of the group, this one among them; ``group``: their process group (None:
+        the whole world). Every rank must create every group in the same order (torch.distributed's rule), so
+        callers that split the world create the groups themselves (:meth:`CFGParallel.with_sequence_split`)."""
+        import torch.distributed as dist
+
+        self.plan = plan
+        self.ranks = list(ranks)
+        self.world = len(self.ranks)
+        self.rank = self.ranks.index(plan.rank)
+        self.group = group
+        self._dist = dist
+
+    def _all_to_all(self, chunks: torch.Tensor, what: str) -> torch.Tensor:
+        out = torch.empty_like(chunks)
+        self.plan.guarded(what, lambda: self._dist.all_to_all_single(out, chunks, group=self.group))
+        return out
+
+    def scatter_heads(self, t: torch.Tensor) -> torch.Tensor:
+        n, heads, dim = t.shape
+        chunks = t.view(n, self.world, heads // self.world, dim).transpose(0, 1).contiguous()
+        return self._all_to_all(chunks, "the sequence-parallel all-to-all before attention").flatten(0, 1)
+
+    def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
+        rows, heads, dim = t.shape
+        arrived = self._all_to_all(t.contiguous().view(self.world, rows // self.world, heads, dim),
+                                   "the sequence-parallel all-to-all after attention")
+        return arrived.transpose(0, 1).reshape(rows // self.world, self.world * heads, dim)
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self.plan.guarded("gathering the sequence-parallel logits",
+                          lambda: self._dist.all_gather(parts, t, group=self.group))
+        return torch.cat(parts)
+
+
+def _new_group(plan: ParallelPlan, ranks: Sequence[int]) -> Any:
+    import torch.distributed as dist
+
+    return plan.guarded(f"creating the process group {list(ranks)}", lambda: dist.new_group(list(ranks)))
+
+
+class SequenceParallel:
+    """Sampler strategy for ``--parallel sp``: both guidance branches in one packed pass, its rows split over all
+    ranks (:class:`UlyssesSplit`); every rank gets the whole logits."""
+
+    def __init__(self, split: UlyssesSplit):
+        self.split = split
+
+    def logits(self, refiner: Any, bits: torch.Tensor, step_value: torch.Tensor, text_cond: Any,
+               text_uncond: Optional[Any], **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return refiner.step_logits(bits, step_value, text_cond, text_uncond, split=self.split, **kwargs)
 
 
 class CFGParallel:
@@ -217,36 +300,60 @@ class CFGParallel:
     Steps without guidance (guidance 1, outside the interval): rank 0 computes the conditional branch and broadcasts it;
     rank 1 waits (idle, but in step). Each branch is computed as the *conditional* branch of a one-branch pass (rank 1
     passes the negative text as ``text_cond``), which on the same hardware gives the values of the two-branch pass.
+
+    ``cfg+sp`` (world size 2P, :meth:`with_sequence_split`): ranks ``0..P-1`` compute the conditional branch as one
+    sequence-parallel group, ranks ``P..2P-1`` the unconditional one; rank ``i`` and rank ``i + P`` exchange as above
+    (a group of two).
     """
 
-    def __init__(self, plan: ParallelPlan):
-        if plan.world_size != 2:
+    def __init__(self, plan: ParallelPlan, split: Optional[UlyssesSplit] = None, pair: Optional[Sequence[int]] = None,
+                 pair_group: Any = None):
+        if split is None and plan.world_size != 2:
             check_parallel_mode("cfg", plan.world_size)
         self.plan = plan
+        self.split = split
+        self.pair = list(pair) if pair is not None else [0, 1]      # global ranks: (conditional, unconditional)
+        self.group = pair_group
+        self.is_cond = plan.rank == self.pair[0]
         self._dtype: Optional[torch.dtype] = None   # the logits' dtype, learnt on the first exchange
+
+    @classmethod
+    def with_sequence_split(cls, plan: ParallelPlan) -> "CFGParallel":
+        """``cfg+sp``: every rank creates the branch groups and the pair groups (same order everywhere)."""
+        check_parallel_mode("cfg+sp", plan.world_size)
+        p = plan.world_size // 2
+        halves = [list(range(0, p)), list(range(p, 2 * p))]
+        groups = [_new_group(plan, ranks) for ranks in halves]
+        pairs = [[i, i + p] for i in range(p)]
+        pair_groups = [_new_group(plan, pair) for pair in pairs]
+        half, i = plan.rank // p, plan.rank % p
+        split = UlyssesSplit(plan, halves[half], groups[half])
+        return cls(plan, split=split, pair=pairs[i], pair_group=pair_groups[i])
 
     def logits(self, refiner: Any, bits: torch.Tensor, step_value: torch.Tensor, text_cond: Any,
                text_uncond: Optional[Any], **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         import torch.distributed as dist
 
-        plan = self.plan
-        if text_uncond is None:  # unguided: rank 0 computes, rank 1 receives
-            if plan.is_main:
+        plan, src, group = self.plan, self.pair[0], self.group
+        if self.split is not None:
+            kwargs["split"] = self.split
+        if text_uncond is None:  # unguided: the conditional side computes, the other receives
+            if self.is_cond:
                 cond, _ = refiner.step_logits(bits, step_value, text_cond, None, **kwargs)
                 cond = cond.contiguous()
-            if self._dtype is None:  # rank 1 cannot know the compute dtype yet: one small header, once per run
-                code = torch.tensor([_DTYPES.index(cond.dtype) if plan.is_main else -1], device=plan.device)
-                plan.guarded("sharing the logits' dtype", lambda: dist.broadcast(code, src=0))
+            if self._dtype is None:  # the other side cannot know the compute dtype yet: one small header, once
+                code = torch.tensor([_DTYPES.index(cond.dtype) if self.is_cond else -1], device=plan.device)
+                plan.guarded("sharing the logits' dtype", lambda: dist.broadcast(code, src=src, group=group))
                 self._dtype = _DTYPES[int(code.item())]
-            if not plan.is_main:
+            if not self.is_cond:
                 cond = torch.empty(_logits_shape(bits), dtype=self._dtype, device=bits.device)
-            plan.guarded("receiving the conditional logits", lambda: dist.broadcast(cond, src=0))
+            plan.guarded("receiving the conditional logits", lambda: dist.broadcast(cond, src=src, group=group))
             return cond, None
-        mine, _ = refiner.step_logits(bits, step_value, text_cond if plan.is_main else text_uncond, None, **kwargs)
+        mine, _ = refiner.step_logits(bits, step_value, text_cond if self.is_cond else text_uncond, None, **kwargs)
         mine = mine.contiguous()
         self._dtype = mine.dtype
         both = [torch.empty_like(mine), torch.empty_like(mine)]
-        plan.guarded("exchanging the guidance branches' logits", lambda: dist.all_gather(both, mine))
+        plan.guarded("exchanging the guidance branches' logits", lambda: dist.all_gather(both, mine, group=group))
         return both[0], both[1]
 
 
@@ -256,6 +363,10 @@ def branch_strategy(plan: ParallelPlan, mode: Optional[str]) -> Optional[Any]:
     if mode is None or mode == "data" or not plan.active:
         return None
     check_parallel_mode(mode, plan.world_size)
+    if mode == "sp":
+        return SequenceParallel(UlyssesSplit(plan, range(plan.world_size)))
+    if mode == "cfg+sp":
+        return CFGParallel.with_sequence_split(plan)
     return CFGParallel(plan)
 
 
@@ -283,5 +394,6 @@ def ulysses_bytes(seq: int, width: int, depth: int, bytes_per_value: int = 2, te
     return tensors * seq * width * bytes_per_value * depth
 
 
-__all__ = ["CFGParallel", "DistributedError", "branch_strategy", "NOT_YET", "PARALLEL_CHOICES", "ParallelPlan", "check_parallel_mode",
-           "file_fingerprint", "logits_exchange_bytes", "ulysses_bytes"]
+__all__ = ["CFGParallel", "DistributedError", "PARALLEL_CHOICES", "ParallelPlan", "SequenceParallel", "UlyssesSplit",
+           "branch_strategy", "check_parallel_mode", "file_fingerprint", "logits_exchange_bytes", "sp_degree",
+           "ulysses_bytes"]
