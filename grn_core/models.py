@@ -159,8 +159,9 @@ def ensure_files(files: dict[str, Path], model_dir: Path, download: bool) -> Non
 
 
 def load_named(name: str, model_dir: Optional[Path] = None, download: bool = False, device: Any = "cpu",
-               dtype: Any = None):
-    """Load a model by short name → (GRNModel, text encoder or None, default task)."""
+               dtype: Any = None, text_encoder: bool = True):
+    """Load a model by short name → (GRNModel, text encoder or None, default task). ``text_encoder=False`` leaves a
+    separate umt5-xxl unloaded (a rank that receives its prompt features from another)."""
     from .checkpoints import load_umt5
     from .pipeline import load_model
     from .text import UMT5PromptEncoder
@@ -175,7 +176,7 @@ def load_named(name: str, model_dir: Optional[Path] = None, download: bool = Fal
     ensure_files(files, model_dir, download)
     model = load_model(files["refiner"], files["tokenizer"], dtype=dtype, device=device)
     encoder = None
-    if "text_encoder" in files:
+    if "text_encoder" in files and text_encoder:
         umt5 = load_umt5(files["text_encoder"], dtype=dtype, device=device)
         encoder = UMT5PromptEncoder(umt5, str(files["text_tokenizer"]))
     return model, encoder, SHORT_NAMES[name].task

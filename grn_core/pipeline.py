@@ -583,8 +583,9 @@ class MemoryNeed:
 
 
 def memory_need(model: GRNModel, width: int, height: int, frames: int, task: str, guidance: float,
-                text_tokens: int = 128, batch_size: int = 1) -> MemoryNeed:
-    """What :func:`check_memory` compares with the free memory (estimates of :mod:`grn_core.runtime.memory`)."""
+                text_tokens: int = 128, batch_size: int = 1, parallel: tuple = (None, 1)) -> MemoryNeed:
+    """What :func:`check_memory` compares with the free memory (estimates of :mod:`grn_core.runtime.memory`);
+    ``parallel``: ``(mode, world size)`` of ``--parallel`` — what one rank needs."""
     host = 2 * 4 * 3 * int(frames) * int(width) * int(height) * int(batch_size)
     if model.is_c2i:
         return MemoryNeed(0, host)  # class-to-image steps are small and the size is fixed
@@ -594,9 +595,18 @@ def memory_need(model: GRNModel, width: int, height: int, frames: int, task: str
     if task == "i2v":
         t -= 1
     storage, compute = _refiner_dtypes(model.refiner)
-    step = refiner_step_bytes(model.refiner.config, (max(t, 1), h, w), text_tokens=text_tokens, batch=batch_size,
-                              branches=1 if float(guidance) == 1.0 else 2, compute=compute,
-                              first_frame=task == "i2v", storage=storage)
+    mode, world = parallel
+    guided = float(guidance) != 1.0
+    if mode in ("sp", "cfg+sp") or (mode == "cfg" and guided):  # a share of a guided step (an upper bound unguided)
+        from .runtime.memory import parallel_step_bytes
+
+        step = parallel_step_bytes(model.refiner.config, (max(t, 1), h, w), mode, world, text_tokens=text_tokens,
+                                   batch=batch_size, compute=compute, storage=storage,
+                                   first_frame=task == "i2v").activations
+    else:
+        step = refiner_step_bytes(model.refiner.config, (max(t, 1), h, w), text_tokens=text_tokens,
+                                  batch=batch_size, branches=2 if guided else 1, compute=compute,
+                                  first_frame=task == "i2v", storage=storage)
     weights = 0
     if device.type != "cpu" and model.offload.moves_models:  # weights come to the device for the stage
         if model.offload.mode == "blocks":
@@ -613,7 +623,7 @@ def memory_need(model: GRNModel, width: int, height: int, frames: int, task: str
 
 def check_memory(model: GRNModel, width: int, height: int, frames: int, task: str, guidance: float,
                  text_tokens: int = 128, batch_size: int = 1,
-                 free: Optional[tuple[Optional[int], Optional[int]]] = None) -> MemoryNeed:
+                 free: Optional[tuple[Optional[int], Optional[int]]] = None, parallel: tuple = (None, 1)) -> MemoryNeed:
     """Refuse (ValueError) a request whose refiner step or decoded frames would not fit the free memory, naming the
     largest size (at this aspect and frame count) and the most frames (at this size) that fit.
 
@@ -627,10 +637,10 @@ def check_memory(model: GRNModel, width: int, height: int, frames: int, task: st
     free_device, free_host = free
 
     def fits(w: int, h: int, f: int) -> bool:
-        need = memory_need(model, w, h, f, task, guidance, text_tokens, batch_size)
+        need = memory_need(model, w, h, f, task, guidance, text_tokens, batch_size, parallel)
         return (free_device is None or need.device <= free_device) and (free_host is None or need.host <= free_host)
 
-    need = memory_need(model, width, height, frames, task, guidance, text_tokens, batch_size)
+    need = memory_need(model, width, height, frames, task, guidance, text_tokens, batch_size, parallel)
     if fits(width, height, frames):
         return need
     sf, tf = model.spatial_factor, model.temporal_factor

@@ -310,19 +310,21 @@ def check_task(preview: ModelPreview, task: Optional[str]) -> None:
     raise ValueError(f"--task {task}: this model does {', '.join(preview.tasks)}; pick one of those.")
 
 
-def load_from_args(args: argparse.Namespace):
-    """The model, its text encoder (or None) and its default task, from ``--model`` and friends."""
+def load_from_args(args: argparse.Namespace, text_encoder: bool = True):
+    """The model, its text encoder (or None) and its default task, from ``--model`` and friends
+    (``text_encoder=False``: without loading a separate umt5-xxl)."""
     from ..checkpoints import load_umt5
     from ..pipeline import load_model
     from ..text import UMT5PromptEncoder
 
     if args.model in MODEL_CHOICES:
-        return load_named(args.model, args.model_dir, args.download, device=args.device, dtype=args.dtype)
+        return load_named(args.model, args.model_dir, args.download, device=args.device, dtype=args.dtype,
+                          text_encoder=text_encoder)
     if args.tokenizer is None:
         raise ValueError("--model PATH needs --tokenizer PATH (the HBQ tokenizer file that belongs to it).")
     model = load_model(args.model, args.tokenizer, dtype=args.dtype, device=args.device)
     encoder = None
-    if args.text_encoder is not None:
+    if args.text_encoder is not None and text_encoder:
         if args.text_tokenizer is None:
             raise ValueError("--text-encoder needs --text-tokenizer (the umt5-xxl tokenizer.json).")
         tokenizer = read_text_tokenizer(args.text_tokenizer)

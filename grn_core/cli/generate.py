@@ -16,8 +16,10 @@ sidecar) for the i-th prompt (from 0), each with ``--seed``, so file i equals ``
 Several processes (``torchrun --nproc-per-node N -m grn_core generate ... --parallel MODE``, see
 :mod:`grn_core.runtime.distributed`): ``cfg`` (N = 2) splits the two guidance branches of every step between the two
 ranks; ``sp`` (N dividing the refiner's heads) splits every step's packed sequence over the N ranks (Ulysses);
-``cfg+sp`` (N = 2P) gives each guidance branch P ranks that split its sequence; ``data`` (any N, with ``--prompts``)
-gives rank r the prompts i with i % N == r, each rank decoding its own and rank 0 writing them all. Only rank 0 prints progress and writes files; every rank checks that it has the same model
+``cfg+sp`` (N = 2P) gives each guidance branch P ranks that split its sequence; in these three the prompt is encoded on
+rank 0 only (a separate text encoder is loaded there alone) and sent to the others, and all ranks share the decode
+(:mod:`grn_core.runtime.split`). ``data`` (any N, with ``--prompts``) gives rank r the prompts i with i % N == r, each
+rank encoding and decoding its own and rank 0 writing them all. Only rank 0 prints progress and writes files; every rank checks that it has the same model
 files before loading them.
 """
 
@@ -317,11 +319,11 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
         parallel.check_same_files(model_files(args))
 
     # 2. The model; then the same checks with it (the authority), and the memory the request needs.
-    with stage("loading the model"):
-        model, encoder, default_task = load_from_args(args)
+    splits_steps = args.parallel in ("cfg", "sp", "cfg+sp")  # every rank takes part in every step
+    with stage("loading the model"):  # ranks that receive the prompt features from rank 0 need no text encoder
+        model, encoder, default_task = load_from_args(args, text_encoder=main_rank or not splits_steps)
     task = args.task or default_task
     check_flags(args, task)
-    splits_steps = args.parallel in ("cfg", "sp", "cfg+sp")  # every rank takes part in every step
     if splits_steps and task == "c2i":
         raise ValueError(f"--parallel {args.parallel} splits the text-conditioned refiner's steps; class-to-image is "
                          "not supported yet. Run it without --parallel (or --parallel data with --prompts).")
@@ -333,7 +335,8 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
     if plan.snapped:
         warn(f"making {plan.note}.")
     negative = negative_prompt(model, task, args.negative)
-    check_memory(model, plan.width, plan.height, plan.frames, task, settings.guidance)
+    check_memory(model, plan.width, plan.height, plan.frames, task, settings.guidance,
+                 parallel=(args.parallel, parallel.world_size))
     if args.parallel in ("cfg", "cfg+sp") and settings.guidance == 1.0:
         warn(f"--parallel {args.parallel} with guidance 1: there is no unconditional branch, its ranks only wait.")
 
@@ -361,19 +364,26 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
         jobs = [(0, args, tokens)]
     else:
         branches = branch_strategy(parallel, args.parallel)
+        shared = parallel if splits_steps else None
         mine = parallel.shard(len(outs)) if args.parallel == "data" else list(range(len(outs)))
         jobs = []
         for i in mine:
             job_args = args if prompts is None else argparse.Namespace(**{**vars(args), "prompt": prompts[i]})
             tokens = _sample_prompt(job_args, model, encoder, task, negative, plan, settings, picture, edit, ctrl_c,
-                                    on_step, progress, branches)
+                                    on_step, progress, branches, shared)
             jobs.append((i, job_args, tokens))
-    if splits_steps and not main_rank:
-        return 0  # the other ranks helped sample; rank 0 decodes and writes
     done = []  # (index, uint8 pixels, sidecar text, bits or None, summary)
     for i, job_args, tokens in jobs:
         with stage("decoding"):
-            video = decode_tokens(model, tokens)[0]
+            if splits_steps:  # every rank holds the same bits: they share the decode, rank 0 gets the frames
+                from ..runtime.split import decode_tokens_split
+
+                frames = decode_tokens_split(parallel, model, tokens)
+                if not main_rank:
+                    continue
+                video = frames[0]
+            else:
+                video = decode_tokens(model, tokens)[0]
         text = sidecar_text(outs[i], job_args, task, negative, plan, settings, tokens, int(video.shape[0]), started)
         result = tokens.sampling
         done.append((i, to_uint8(video), text, tokens.bits[:1].cpu() if args.save_tokens is not None else None,
@@ -383,6 +393,8 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
         if not main_rank:
             return 0
         done = sorted((item for part in gathered for item in part), key=lambda item: item[0])
+    if not main_rank:
+        return 0  # rank 0 writes
     for i, pixels, text, bits, (frames, steps, nfe) in done:
         with stage(f"writing {outs[i]}"):
             _write_files(outs[i], pixels, text, float(args.fps))
@@ -399,12 +411,22 @@ def _run_on(args: argparse.Namespace, ctrl_c: CtrlC, parallel: ParallelPlan) -> 
 
 
 def _sample_prompt(args: argparse.Namespace, model: Any, encoder: Any, task: str, negative: str, plan, settings,
-                   picture: Any, edit: dict, ctrl_c: CtrlC, on_step, progress: ProgressLine, branches: Any):
-    """One text request's tokens (``branches``: the sampler's branch strategy, None for this process alone)."""
+                   picture: Any, edit: dict, ctrl_c: CtrlC, on_step, progress: ProgressLine, branches: Any,
+                   shared: Optional[ParallelPlan] = None):
+    """One text request's tokens (``branches``: the sampler's branch strategy, None for this process alone;
+    ``shared``: the group whose rank 0 encodes the prompt for all)."""
     from ..pipeline import GenerationRequest, encode_prompt, generate_tokens
 
+    def encode():
+        return encode_prompt(model, encoder, args.prompt, negative, task=task, need_uncond=settings.guidance != 1.0)
+
     with stage("encoding the prompt"):
-        feats = encode_prompt(model, encoder, args.prompt, negative, task=task, need_uncond=settings.guidance != 1.0)
+        if shared is not None:
+            from ..runtime.split import broadcast_features
+
+            feats = broadcast_features(shared, encode if shared.is_main else None)
+        else:
+            feats = encode()
     image = prepare_first_frame(picture, plan.width, plan.height) if picture is not None else None
     init_bits, fixed, strength = _edit_request(args, edit, model, plan, settings)
     request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import gc
 import traceback
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["GRNOutOfMemoryError", "decode_advice", "format_bytes", "is_out_of_memory", "oom_guard",
+__all__ = ["GRNOutOfMemoryError", "ParallelLayoutError", "RankMemory", "decode_advice",
+           "format_bytes", "is_out_of_memory", "oom_guard", "parallel_layout", "parallel_step_bytes",
            "refiner_step_bytes", "refiner_weight_bytes", "step_advice"]
 
 GiB = 1024 ** 3
@@ -130,6 +132,38 @@ def refiner_weight_bytes(config: Any, storage: torch.dtype, compute: Optional[to
     return {"block": block, "blocks": blocks, "other": other, "total": blocks + other}
 
 
+def _step_terms(config: Any, grid: tuple[int, int, int], text_tokens: int, batch: int, branches: int,
+                compute: torch.dtype, first_frame: bool, storage: Optional[torch.dtype]) -> dict[str, int]:
+    """The pieces of :func:`refiner_step_bytes`: packed ``rows`` and visual ``head_rows`` of the pass, bytes per row
+    of its phases (``attention_row``, ``mlp_row``, ``head_row``; ``logits_row`` is one float32 logits row), and the
+    terms that do not scale with the rows (``text_kv``, ``upcast``, ``sampler``)."""
+    from .fp8 import is_fp8
+
+    t, h, w = grid
+    visual = t * h * w
+    first = h * w if first_frame else 0
+    joint = getattr(config, "layout", "joint") == "joint"
+    rows_per_seq = visual + first + text_tokens + 1 if joint else visual + 1
+    c = _bytes_of(compute)
+    r = 4 if c < 4 else c  # residual / norm dtype
+    wd, hid = config.width, config.mlp_hidden
+    head_rows = branches * batch * visual
+    upcast = c * hid * wd if storage is not None and is_fp8(storage) else 0  # one SwiGLU matrix at a time
+    return {
+        "rows": branches * batch * rows_per_seq,
+        "head_rows": head_rows,
+        "attention_row": wd * (3 * r + 8 * c + 2 * r),
+        "mlp_row": wd * (3 * r + 2 * c) + 2 * c * hid,
+        "head_row": 2 * r * wd + 4 * config.in_channels * 2,  # gathered rows, norm, logits (+ a copy)
+        "logits_row": 4 * config.in_channels,
+        "text_kv": 0 if joint else config.depth * text_tokens * 2 * config.kv_heads * config.head_dim * c * branches,
+        "upcast": upcast,
+        "sampler": head_rows // branches * config.bits * 24,  # probabilities, uniforms, states: a few bytes per bit
+        "compute_bytes": c,
+        "residual_bytes": r,
+    }
+
+
 def refiner_step_bytes(config: Any, grid: tuple[int, int, int], text_tokens: int = 128, batch: int = 1,
                        branches: int = 2, compute: torch.dtype = torch.bfloat16,
                        first_frame: bool = False, storage: Optional[torch.dtype] = None) -> int:
@@ -140,27 +174,94 @@ def refiner_step_bytes(config: Any, grid: tuple[int, int, int], text_tokens: int
     2c·W + attention out 2c·W + new residual 4W; MLP phase ≈ residual 4W + norm 4W + input c·W + gate/up 2c·H + out
     c·W + new residual 4W. Plus the head on the visual rows and, for fp8 storage, one upcast SwiGLU matrix.
     """
-    from .fp8 import is_fp8
+    s = _step_terms(config, grid, text_tokens, batch, branches, compute, first_frame, storage)
+    attention, mlp = s["rows"] * s["attention_row"], s["rows"] * s["mlp_row"]
+    head = s["head_rows"] * s["head_row"]
+    return int(max(attention, mlp, head) + s["text_kv"] + s["upcast"] + s["sampler"])
 
-    t, h, w = grid
-    visual = t * h * w
-    first = h * w if first_frame else 0
-    joint = getattr(config, "layout", "joint") == "joint"
-    rows_per_seq = visual + first + text_tokens + 1 if joint else visual + 1
-    rows = branches * batch * rows_per_seq
-    c = _bytes_of(compute)
-    r = 4 if c < 4 else c  # residual / norm dtype
-    wd, hid = config.width, config.mlp_hidden
-    attention = rows * wd * (3 * r + 8 * c + 2 * r)
-    mlp = rows * (wd * (3 * r + 2 * c) + 2 * c * hid)
-    head_rows = branches * batch * visual
-    head = head_rows * (2 * r * wd + 4 * config.in_channels * 2)  # gathered rows, norm, logits (+ a copy)
-    text_kv = 0 if joint else config.depth * text_tokens * 2 * config.kv_heads * config.head_dim * c * branches
-    upcast = 0
-    if storage is not None and is_fp8(storage):
-        upcast = c * hid * wd  # one SwiGLU matrix in the compute dtype at a time
-    sampler = head_rows // branches * config.bits * 24  # probabilities, uniforms, states: a few bytes per bit
-    return int(max(attention, mlp, head) + text_kv + upcast + sampler)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several GPUs: what one rank holds
+
+
+
+class ParallelLayoutError(ValueError):
+    """A ``--parallel`` mode and process count that cannot run (the message names them and what would)."""
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank needs for a refiner step under ``mode`` on ``world_size`` processes (see
+    :func:`parallel_step_bytes`): every rank holds all ``weights``; ``activations`` are one step's peak on that
+    rank, exchange buffers included. ``degree``: ranks sharing one sequence (Ulysses); ``branches``: guidance
+    branches in this rank's pass."""
+
+    mode: Optional[str]
+    world_size: int
+    degree: int
+    branches: int
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def parallel_layout(mode: Optional[str], world_size: int, config: Any = None) -> tuple[int, int]:
+    """``(degree, branches)`` of one rank: how many ranks share its sequence and how many guidance branches its
+    pass holds. ``None`` / ``data``: 1 and 2 (each rank samples alone); ``cfg``: 1 and 1 (world size 2); ``sp``:
+    ``world_size`` and 2 (both branches packed, rows split); ``cfg+sp``: ``world_size / 2`` and 1. With ``config``,
+    Ulysses' rule that the degree divides the query and key/value heads is checked too."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ParallelLayoutError(f"world_size={world_size!r}: give the number of processes (an int >= 1).")
+    from .distributed import check_parallel_mode, sp_degree
+
+    heads = (config.heads, config.kv_heads) if config is not None else None
+    try:  # the one rule of what runs (the command line checks --parallel with it too)
+        check_parallel_mode(mode, world_size, heads)
+    except ValueError as error:
+        raise ParallelLayoutError(str(error)) from error
+    degree, branches = sp_degree(mode, world_size), 1 if mode in ("cfg", "cfg+sp") else 2
+    return degree, branches
+
+
+def parallel_step_bytes(config: Any, grid: tuple[int, int, int], mode: Optional[str] = None, world_size: int = 1,
+                        text_tokens: int = 128, batch: int = 1, compute: torch.dtype = torch.bfloat16,
+                        storage: Optional[torch.dtype] = None, first_frame: bool = False) -> RankMemory:
+    """Per-rank weight and activation bytes of one guided refiner step under ``--parallel mode``.
+
+    From the single-process terms (:func:`refiner_step_bytes`, :func:`refiner_weight_bytes`; ``storage`` defaults to
+    ``compute``). Weights are never split: every rank holds the whole refiner. Activations:
+
+    - ``None`` / ``data``: a single process's step (both branches; ``data`` runs whole prompts per rank).
+    - ``cfg`` (2 ranks): one branch's step, plus the exchanged logits ``[2, rows, bits, 2]`` float32 beside it.
+    - ``sp`` degree ``P = world_size``: both branches packed, ``n = ceil(rows / P)`` rows per rank: the attention
+      and MLP phases of ``n`` rows, plus Ulysses' all-to-all buffers -- q, k, v and the attention output for *all*
+      rows with ``heads / P`` heads, ``4 · rows · W / P`` values (= ``4 n W``) in the compute dtype; the head
+      runs on ``n`` rows, and its logits of all rows are gathered on every rank (received parts and their
+      concatenation, then the visual rows picked out). Text K/V (prefix layout) and the sampler's state are not split.
+    - ``cfg+sp`` (``2P`` ranks): ``sp`` of degree ``P`` on one branch, plus the ``cfg`` exchange.
+
+    So ``sp`` activations fall about as ``1 / P`` (the gathered logits and the sampler's state do not), and ``cfg``
+    about halves them; the weights set the floor.
+    """
+    degree, branches = parallel_layout(mode, world_size, config)
+    weights = refiner_weight_bytes(config, storage or compute, compute)["total"]
+    s = _step_terms(config, grid, text_tokens, batch, branches, compute, first_frame, storage)
+    rows, head_rows, logits = s["rows"], s["head_rows"], s["logits_row"]
+    exchange = 2 * head_rows * logits if mode in ("cfg", "cfg+sp") else 0  # both branches' logits, gathered
+    if degree == 1:
+        attention, mlp = rows * s["attention_row"], rows * s["mlp_row"]
+        head = head_rows * s["head_row"] + exchange
+    else:
+        n = -(-rows // degree)
+        attention = n * s["attention_row"] + 4 * n * config.width * s["compute_bytes"]
+        mlp = n * s["mlp_row"]
+        head = (n * (s["residual_bytes"] * config.width + logits) + 2 * degree * n * logits
+                + head_rows * 2 * logits + exchange)
+    activations = int(max(attention, mlp, head) + s["text_kv"] + s["upcast"] + s["sampler"])
+    return RankMemory(mode, world_size, degree, branches, int(weights), activations)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
