@@ -9,6 +9,10 @@ can be read with a minimal stand-in for ``comfy_api.latest`` alone.
 Memory: Load GRN loads the weights on the CPU (cast for ComfyUI's device) and every stage loads what it needs through
 ComfyUI's memory manager (``patching``: one ``ModelPatcher`` per model, ``load_models_gpu`` with the stage's
 activation estimate), so ComfyUI keeps them resident, evicts them and unloads them like its own models.
+
+Load GRN ``devices`` (e.g. ``cuda:0,cuda:1``): the Refine Sampler's runs go to a pool of worker processes, one per
+device, each holding its own copy of the model (``pool``); ComfyUI's memory manager holds the pool as one more model
+(``patching.pool_patcher``): loading it starts the workers, "Unload models" stops them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from . import model_files, patching
 from .errors import ENCODE_PROMPT
 from .frames import decode_to_images, encode_images
 from .loading import LAYOUTS, OFFLOAD_POLICIES, WEIGHT_DTYPES, LoadedGRN, load_grn, tokenizer_for
+from .pool import DevicePool, PoolModel, parse_devices
 from .prompting import TASK_CHOICES, ClipPromptEncoder, GRNConditioning, encode_prompt_for, umt5_file_encoder
 from .sampling import (ADAPTIVE_RULES, ASPECTS, RESOLUTIONS, StepRecorder, build_settings, choose_task,
                        describe_edit, describe_settings, extend_bits, first_frame_from_image, plan_edit, plan_size,
@@ -108,20 +113,32 @@ class GRNLoadModel(io.ComfyNode):
                                        "stream inside ComfyUI. This value is the command line's policy, kept for "
                                        "saved workflows: 'none', 'model', 'blocks' / 'blocks:N' (stream all / the "
                                        "last N refiner blocks from the CPU); 'offload after run' = 'model', 'keep "
-                                       "on device' = 'none'."),
+                                       "on device' = 'none'. With 'devices' set, each pool worker places its copy "
+                                       "of the model by this policy."),
                 io.Boolean.Input("download_missing", default=False,
                                  tooltip=f"Fetch a missing released file from {model_files.HF_REPO} into models/grn."),
+                # appended last so saved workflows keep their widget order
+                io.String.Input("devices", default="", optional=True,
+                                tooltip="Empty: the sampler runs in this ComfyUI process on its device. Two or more "
+                                        "devices, e.g. 'cuda:0,cuda:1': a pool of worker processes, one per device, "
+                                        "each with its own copy of the model (loaded once, kept warm, stopped by "
+                                        "'Unload models'); with 2 devices and guidance each computes one guidance "
+                                        "branch (same images, up to twice as fast), otherwise the first device "
+                                        "samples alone. Workers place the weights per 'offload'. 'cpu,cpu' tries "
+                                        "the pool without a GPU."),
             ],
             outputs=[GRN_MODEL.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, refiner: str, tokenizer: str, weight_dtype: str, layout: str, offload: str,
-                download_missing: bool) -> io.NodeOutput:
+                download_missing: bool, devices: str = "") -> io.NodeOutput:
         import comfy.model_management as mm
 
+        pool_devices = parse_devices(devices)  # a bad value fails before anything is loaded
         folder_paths = _folder_paths()
         device = mm.get_torch_device()  # cast for it; ComfyUI's memory manager places the models (patching)
+        refiner_path = tokenizer_path = None
         if refiner == model_files.TINY:
             loaded = load_grn(None, None, weight_dtype, layout, offload, fit_preview=False, cast_for=device)
         else:
@@ -134,14 +151,30 @@ class GRNLoadModel(io.ComfyNode):
                                                           download_missing)
             loaded = load_grn(refiner_path, tokenizer_path, weight_dtype, layout, offload, fit_preview=False,
                               cast_for=device)
-        if loaded.offload != "auto":
+        if loaded.offload != "auto" and not pool_devices:
             logging.getLogger(patching.__name__).info(
                 "GRN: offload '%s' is the command line's policy; inside ComfyUI its memory manager places GRN's "
                 "models (whole: partial/lowvram loading is not supported yet)", offload)
         if loaded.model.preview is None:  # fit the live preview with the tokenizer where ComfyUI puts it
             with patching.stage(loaded, ("tokenizer",), 0, mm):
                 ensure_preview(loaded.model)
+        if pool_devices:
+            # The workers load the same files with the same settings on their own devices; ComfyUI's memory manager
+            # starts them (the pool's patcher) and stops them on "Unload models"; dropping this output stops them too.
+            spec = PoolModel(None if refiner_path is None else str(refiner_path),
+                             None if tokenizer_path is None else str(tokenizer_path), weight_dtype, layout,
+                             loaded.offload, loaded.refiner_name, _heads(loaded.model))
+            loaded.pool = DevicePool(pool_devices, spec, should_stop=mm.processing_interrupted)
+            loaded.pool.bind(loaded)
+            with _cancel_between_blocks(loaded.model.refiner, mm):
+                patching.load_pool(loaded, mm)
         return io.NodeOutput(loaded)
+
+
+def _heads(model) -> tuple | None:
+    """The refiner's ``(heads, kv_heads)`` (which worker counts sequence parallel allows); None when unknown."""
+    config = getattr(model.refiner, "config", None)
+    return (config.heads, config.kv_heads) if hasattr(config, "kv_heads") else None
 
 
 class GRNEncodePrompt(io.ComfyNode):
@@ -297,15 +330,22 @@ class GRNRefineSampler(io.ComfyNode):
         # unloading other models until they and one step's activations fit.
         activations = patching.refiner_activation_bytes(
             model, refiner_memory_bytes(model, plan, task, settings, conditioning))
-        encodes = frame is not None or extend_from is not None
-        which = ("refiner", "tokenizer") if encodes else ("refiner",)
-        with patching.stage(model, which, activations, mm), _cancel_between_blocks(model.model.refiner, mm):
+        if model.pool is not None:
+            # Load GRN devices: the pool's workers sample (a first-frame image is encoded there); this process
+            # encodes an extend_from frame, so only then it needs the tokenizer. ComfyUI's interrupt reaches the
+            # workers through the pool (should_stop), and their stop comes back as RefinerInterrupted.
+            stage = patching.pool_stage(model, ("tokenizer",) if extend_from is not None else (), activations, mm)
+        else:
+            encodes = frame is not None or extend_from is not None
+            stage = patching.stage(model, ("refiner", "tokenizer") if encodes else ("refiner",), activations, mm)
+        with stage, _cancel_between_blocks(model.model.refiner, mm):
             if extend_from is not None:  # the last frame is encoded where ComfyUI loaded the tokenizer
                 edit.init_bits, edit.fixed = extend_bits(model, plan, extend_from)
             if edit is not None:
                 recorder.fixed = edit.fixed
             result = run_sampler(model, conditioning, plan, seed, settings, task, first_frame=frame,
-                                 first_frame_bits=frame_bits, class_index=class_index, recorder=recorder, edit=edit)
+                                 first_frame_bits=frame_bits, class_index=class_index, recorder=recorder, edit=edit,
+                                 pool=model.pool, should_stop=mm.processing_interrupted)
         result.bits = result.bits.to(mm.intermediate_device())
         note = f"{plan.note}; {describe_settings(settings)}"
         if edit is not None:

@@ -35,7 +35,11 @@ class LoadedGRN:
     ``keep_on_device``: whether :func:`on_device` leaves the models on the device after a run when the caller places
     them (``compute_device`` None) outside ComfyUI.
     ``patchers``: inside ComfyUI, the ``ModelPatcher`` of the refiner and of the tokenizer (``grn_nodes.patching``),
-    made on first use: ComfyUI's memory manager places the models whose ``compute_device`` is None.
+    made on first use: ComfyUI's memory manager places the models whose ``compute_device`` is None (and the one of
+    the device pool, which stands for its workers).
+    ``pool``: Load GRN's ``devices``: the :class:`grn_nodes.pool.DevicePool` whose workers run the sampler (each with
+    its own copy of the model on its device); None: the sampler runs in this process. The model here still serves
+    the planning, the prompt encoding and the tokenizer (decode, encode).
     """
 
     model: GRNModel
@@ -45,6 +49,7 @@ class LoadedGRN:
     keep_on_device: bool = False
     offload: str = "auto"
     patchers: dict = field(default_factory=dict, repr=False, compare=False)
+    pool: Any = field(default=None, repr=False, compare=False)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -56,6 +61,8 @@ class LoadedGRN:
                 f"{m.latent_channels}-channel latents, {m.spatial_factor}x spatial / {m.temporal_factor}x temporal")
         if m.compute_device is not None:
             text += f"; {m.weight_dtype} weights, offload {m.offload.describe()} on {m.compute_device}"
+        if self.pool is not None:
+            text += f"; sampled by a pool of workers on {', '.join(self.pool.devices)}"
         return text
 
 

@@ -29,6 +29,13 @@ Each load and unload is logged at INFO ("GRN: refiner (tiny) loaded by ComfyUI's
 "... unloaded by ComfyUI's memory manager (4 MB back to cpu)", "... released" for a patcher dropped while loaded,
 with its Load GRN output), which is also how the real-ComfyUI tests observe the manager from outside.
 
+Load GRN's ``devices`` (``grn_nodes.pool``): the pool of worker processes gets a patcher of its own
+(:func:`pool_patcher`): its ``model`` is a weightless stand-in (``GRNDevicePool``), its size the weights the workers
+hold on ComfyUI's device (when it is one of the pool's, else one byte). ComfyUI loading it starts the workers (Load GRN
+loads it, and the sampler again before each run: the workers start again after an unload); unloading it ("Unload
+models" / ``POST /free``, or eviction when ComfyUI needs memory on its device) stops and joins them. It logs "GRN:
+device pool (...) loaded by / unloaded by ComfyUI's memory manager" like the two models.
+
 No ComfyUI module is imported at import time: ``comfy.*`` is imported inside the functions.
 """
 
@@ -49,7 +56,9 @@ from .loading import LoadedGRN
 log = logging.getLogger(__name__)
 
 MODELS = ("refiner", "tokenizer")
+POOL = "pool"  # the key of the device pool's patcher in LoadedGRN.patchers
 _CLASSES: dict[type, type] = {}  # ComfyUI's ModelPatcher class -> our subclass (tests swap ComfyUI for fakes)
+_POOL_CLASSES: dict[type, type] = {}
 
 
 def patcher_class() -> type:
@@ -160,6 +169,98 @@ def stage(loaded: LoadedGRN, which: Sequence[str], memory_required: int, mm: Any
             brought = sum(module_bytes(getattr(model, w)) for w in which) if model.offload.moves_models else 0
             mm.free_memory(int(max(0, memory_required)) + brought, model.compute_device)
         yield model
+    finally:
+        mm.soft_empty_cache()
+
+
+# ---- the device pool (Load GRN devices) ------------------------------------------------------------------------------
+
+class GRNDevicePool(torch.nn.Module):
+    """The device pool's stand-in in ComfyUI's memory manager: no weights in this process (the workers hold them)."""
+
+
+def pool_patcher_class() -> type:
+    """:func:`patcher_class` for the device pool: loading starts the workers, unloading stops them."""
+    base = patcher_class()
+    cls = _POOL_CLASSES.get(base)
+    if cls is not None:
+        return cls
+
+    class GRNPoolPatcher(base):
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False,
+                     label: str = "device pool", pool: Any = None):
+            super().__init__(model, load_device, offload_device, size=size,
+                             weight_inplace_update=weight_inplace_update, label=label)
+            self.grn_pool = pool
+
+        def clone(self):
+            n = super().clone()
+            n.grn_pool = self.grn_pool
+            return n
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False,
+                 **kwargs):
+            if self.grn_pool is not None:
+                self.grn_pool.start()  # nothing when the workers run
+            super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                         force_patch_weights=force_patch_weights, full_load=full_load, **kwargs)
+            self.model.model_loaded_weight_memory = self.model_size()  # loaded = the workers run
+
+        def detach(self, unpatch_all=True):
+            out = super().detach(unpatch_all)
+            if unpatch_all and self.grn_pool is not None:
+                self.grn_pool.close()
+            return out
+
+    _POOL_CLASSES[base] = GRNPoolPatcher
+    return GRNPoolPatcher
+
+
+def _same_device(name: str, device: Any) -> bool:
+    device = torch.device(device)
+    wanted = torch.device(name)
+    if device.type != wanted.type:
+        return False
+    return device.type == "cpu" or (device.index or 0) == (wanted.index or 0)
+
+
+def pool_patcher(loaded: LoadedGRN, mm: Any) -> Any:
+    """The patcher of ``loaded.pool``, made on first use and then reused."""
+    pool = loaded.pool
+    if pool is None:
+        raise ValueError("this Load GRN output has no device pool (devices is empty)")
+    found = loaded.patchers.get(POOL)
+    if found is not None and found.grn_pool is pool:
+        return found
+    device = mm.get_torch_device()
+    shared = any(_same_device(d, device) for d in pool.devices)
+    size = module_bytes(loaded.model.refiner) + module_bytes(loaded.model.tokenizer) if shared else 0
+    made = pool_patcher_class()(GRNDevicePool(), device, mm.unet_offload_device(), size=max(1, size),
+                                label=f"device pool ({loaded.refiner_name} on {', '.join(pool.devices)})", pool=pool)
+    made.grn_shares_device = shared
+    loaded.patchers[POOL] = made
+    return made
+
+
+def load_pool(loaded: LoadedGRN, mm: Any) -> Any:
+    """Hand the pool to ComfyUI's memory manager, which starts its workers (Load GRN)."""
+    made = pool_patcher(loaded, mm)
+    mm.load_models_gpu([made], memory_required=0, force_full_load=True)
+    return made
+
+
+@contextlib.contextmanager
+def pool_stage(loaded: LoadedGRN, which: Sequence[str], memory_required: int, mm: Any) -> Iterator[Any]:
+    """Around a sampler run on the pool: the pool loaded (its workers started again if ComfyUI unloaded them) with the
+    models of ``which`` this process needs (the tokenizer to encode an ``extend_from`` frame); ``memory_required``
+    (one step's activations) is asked for only when a worker runs on ComfyUI's device. ``soft_empty_cache``
+    afterwards."""
+    try:
+        models = [patcher(loaded, w, mm) for w in which] if loaded.model.compute_device is None else []
+        made = pool_patcher(loaded, mm)
+        needed = int(max(0, memory_required)) if made.grn_shares_device else 0
+        mm.load_models_gpu(models + [made], memory_required=needed, force_full_load=True)
+        yield loaded.pool
     finally:
         mm.soft_empty_cache()
 

@@ -319,22 +319,36 @@ def preview_image(rgb: torch.Tensor, min_side: int = 256) -> "Any":
 def run_sampler(loaded: LoadedGRN, conditioning: Optional[GRNConditioning], plan: SizePlan, seed: int,
                 settings: SamplerSettings | C2ISettings, task: str, first_frame: Optional[torch.Tensor] = None,
                 first_frame_bits: Optional[torch.Tensor] = None, class_index: int = 0,
-                recorder: Optional[StepRecorder] = None, edit: Optional[EditPlan] = None) -> TokenResult:
+                recorder: Optional[StepRecorder] = None, edit: Optional[EditPlan] = None, pool: Any = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> TokenResult:
     """Sample tokens. I2V: ``first_frame`` ``[3, H, W]`` in [-1, 1] at the plan's size, or its tokens
     ``first_frame_bits`` from Encode Image (used as they are: no decode / encode round trip). ``edit``: the source's
-    bits, kept cells and strength (:func:`plan_edit`)."""
+    bits, kept cells and strength (:func:`plan_edit`).
+
+    ``pool`` (Load GRN ``devices``, a :class:`grn_nodes.pool.DevicePool`): the same request runs on its workers and
+    every step comes back to ``recorder`` here, as in a run in this process; ``should_stop`` (ComfyUI's
+    ``processing_interrupted``) is polled while waiting, and the workers' stop is raised as ``RefinerInterrupted``."""
     model = loaded.model
     with errors_from(SAMPLER):
         if task == "c2i":
-            result = generate_class_tokens(model, [int(class_index)], seed=int(seed), settings=settings,
-                                           callback=recorder)
+            if pool is not None:
+                result = pool.generate_class_tokens([int(class_index)], seed=int(seed), settings=settings,
+                                                    callback=recorder, should_stop=should_stop)
+            else:
+                result = generate_class_tokens(model, [int(class_index)], seed=int(seed), settings=settings,
+                                               callback=recorder)
         else:
             feats = conditioning.for_task(task)
             editing = {} if edit is None else dict(init_bits=edit.init_bits, fixed=edit.fixed, strength=edit.strength)
             request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=int(seed),
                                         settings=settings, **editing)
-            result = generate_tokens(model, feats, request, first_frame=first_frame, callback=recorder,
-                                     first_frame_bits=first_frame_bits)
+            if pool is not None:
+                result = pool.generate_tokens(feats, request, first_frame=first_frame, callback=recorder,
+                                              first_frame_bits=first_frame_bits, preview=model.preview,
+                                              should_stop=should_stop)
+            else:
+                result = generate_tokens(model, feats, request, first_frame=first_frame, callback=recorder,
+                                         first_frame_bits=first_frame_bits)
     result.extras["steps"] = list(recorder.records) if recorder is not None else []
     result.extras["model"] = loaded.refiner_name
     return result

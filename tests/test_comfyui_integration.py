@@ -17,6 +17,10 @@ load/unload log lines and ComfyUI's own "Requested to load" lines in the server 
 Same request, same bits, every door: text-to-image (1 frame) and text-to-video (1 and 9 frames) at 32x32, with fixed
 and with adaptive steps (the model's own rule), run through the server (``SaveImage`` writes one PNG per frame) and
 through the command line in the test process (``grn_core.cli.main(["generate", ...])``) give the same uint8 pixels.
+
+Load GRN ``devices="cpu,cpu"`` (``grn_nodes/pool.py``): the tiny workflow sampled by two worker processes gives the
+single-process pixels, survives an interrupt and a rerun with the same workers, and ``POST /free`` leaves none of them
+among the server's child processes (read from /proc).
 """
 
 from __future__ import annotations
@@ -129,9 +133,23 @@ def object_info(server):
     return _get(server, "/object_info")
 
 
+def _saved_widgets(workflow: dict, object_info: dict):
+    """Widget names per node type for ``workflow``: the server's, less trailing ones the file is older than. The
+    frontend gives a widget added at the end of a node (Load GRN's ``devices``) its default in a workflow saved
+    before it existed; the API prompt then simply leaves that optional input out."""
+    saved = {n["type"]: len(n.get("widgets_values", [])) for n in workflow["nodes"]}
+
+    def names(kind: str) -> list:
+        full = widget_names_from_object_info(object_info[kind])
+        return full[:saved[kind]] if saved.get(kind, len(full)) < len(full) else full
+
+    return names
+
+
 def _tiny_prompt(object_info: dict, **sampler) -> dict:
     """``grn_tiny_t2v.json`` as an API prompt; ``sampler`` overrides Refine Sampler inputs (none: as shipped)."""
-    prompt = to_api_prompt(load("grn_tiny_t2v.json"), lambda kind: widget_names_from_object_info(object_info[kind]))
+    workflow = load("grn_tiny_t2v.json")
+    prompt = to_api_prompt(workflow, _saved_widgets(workflow, object_info))
     for node in prompt.values():
         if node["class_type"] == "GRNRefineSampler":
             node["inputs"].update(sampler)
@@ -426,7 +444,8 @@ def test_same_request_same_pixels_through_comfyui_and_the_cli(server, object_inf
 
 
 def _shipped(object_info: dict, name: str) -> dict:
-    return to_api_prompt(load(name), lambda kind: widget_names_from_object_info(object_info[kind]))
+    workflow = load(name)
+    return to_api_prompt(workflow, _saved_widgets(workflow, object_info))
 
 
 def _videos(server, prompt_id: str) -> dict:
@@ -478,3 +497,114 @@ def test_tiny_extend_workflow_runs_as_shipped_and_makes_both_clips(server, objec
     assert cells[0].all() and not cells[1:].any()  # the first latent frame (clip 1's last frame) is kept
     videos = _videos(server, prompt_id)
     assert len(videos) == 2 and all(v.shape == (9, 32, 32, 3) for v in videos.values())
+
+
+# ==== Load GRN devices: a pool of worker processes ====================================================================
+
+POOL_STARTED = re.compile(r"GRN: device pool \(tiny on cpu, cpu\) started in [\d.]+ s: workers pid (\d+), (\d+)")
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the live processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append((int(entry), command))
+    return found
+
+
+def _workers(server) -> set[int]:
+    """The server's children started by multiprocessing's spawn (the pool's workers)."""
+    return {pid for pid, command in _children(server["pid"]) if "spawn_main" in command}
+
+
+def _saved_frames(server, prompt_id: str, save_id: str):
+    """Every PNG the SaveImage node ``save_id`` wrote, as uint8 ``[frames, H, W, 3]``."""
+    import numpy as np
+
+    from grn_core.media import read_video
+
+    saved = _history(server, prompt_id)["outputs"][save_id]["images"]
+    output = server["log"].parent / "output"
+    return np.stack([read_video(output / f["subfolder"] / f["filename"])[0] for f in saved])
+
+
+def _no_workers_left(server, pids: set[int], seconds: float = 60) -> None:
+    for _ in range(int(seconds / 0.25)):
+        if not _workers(server) and not any(os.path.exists(f"/proc/{pid}") for pid in pids):
+            break
+        time.sleep(0.25)
+    assert not _workers(server), _children(server["pid"])
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids), pids
+    # multiprocessing's resource tracker (started with the first spawned process, ends with ComfyUI) may stay
+    others = [c for c in _children(server["pid"]) if "resource_tracker" not in c[1]]
+    assert not others, others
+
+
+def test_device_pool_cpu_cpu_runs_the_tiny_workflow_survives_an_interrupt_and_unload_leaves_no_worker(
+        server, object_info):
+    """Load GRN ``devices="cpu,cpu"``: two worker processes (gloo) sample the tiny T2V workflow with one guidance
+    branch each and give the single-process run's pixels; an interrupted run leaves the same warm workers, whose next
+    run gives those pixels again; ``POST /free`` ("Unload models") stops and joins them: no worker is left among the
+    server's children; the next run starts them again, and freeing everything stops them once more."""
+    import numpy as np
+
+    text = "a red circle moving right"
+    single, save_id = _save_image_prompt(object_info, "t2v", 9, text, False, "grn/pool_single")
+    pooled, _ = _save_image_prompt(object_info, "t2v", 9, text, False, "grn/pool_cpu_cpu")
+    _inputs(pooled, "GRNLoadModel")["devices"] = "cpu,cpu"
+    steps = _inputs(pooled, "GRNRefineSampler")["steps"]
+    assert _inputs(pooled, "GRNRefineSampler")["guidance"] > 1  # the cfg mode: a branch per worker
+
+    def run(request: dict, interrupt_after: int | None = None) -> tuple[str, list, str, str]:
+        mark = len(_log(server))
+        prompt_id, events, outcome = _run(server, request, interrupt_after=interrupt_after)
+        return prompt_id, events, outcome, _log(server)[mark:]
+
+    single_id, _, outcome, _ = run(single)
+    assert outcome == "execution_success", f"{outcome}; log: {_log(server)[-3000:]}"
+    expected = _saved_frames(server, single_id, save_id)
+    assert expected.shape == (9, 32, 32, 3) and len(np.unique(expected.reshape(-1, 3), axis=0)) > 1
+
+    pooled_id, events, outcome, text_log = run(pooled)
+    assert outcome == "execution_success", f"{outcome}; log: {_log(server)[-3000:]}"
+    assert [e["step"] for e in events] == list(range(steps))  # the live widget gets every step, as in-process
+    assert np.array_equal(_saved_frames(server, pooled_id, save_id), expected)
+    started = POOL_STARTED.findall(text_log)
+    assert len(started) == 1, text_log[-3000:]
+    pids = {int(p) for p in started[0]}
+    assert _workers(server) == pids
+
+    interrupted = json.loads(json.dumps(pooled))
+    _inputs(interrupted, "GRNRefineSampler").update(steps=200, seed=_inputs(pooled, "GRNRefineSampler")["seed"] + 1)
+    _, events, outcome, _ = run(interrupted, interrupt_after=3)
+    assert outcome == "execution_interrupted" and 3 <= len(events) < 200, (outcome, len(events))
+    assert _workers(server) == pids  # the same warm workers
+
+    again_id, events, outcome, text_log = run(pooled)  # runs again (the interrupted prompt replaced its cache)
+    assert outcome == "execution_success", f"{outcome}; log: {_log(server)[-3000:]}"
+    assert len(events) == steps and not POOL_STARTED.search(text_log)
+    assert np.array_equal(_saved_frames(server, again_id, save_id), expected)
+
+    mark = len(_log(server))
+    _post(server, "/free", {"unload_models": True})
+    _no_workers_left(server, pids)
+    assert "GRN: device pool (tiny on cpu, cpu) unloaded by ComfyUI's memory manager" in _log(server)[mark:]
+
+    restarted = json.loads(json.dumps(pooled))
+    _inputs(restarted, "GRNRefineSampler")["seed"] += 2  # a new request: the cached output is not reused
+    _, events, outcome, text_log = run(restarted)
+    assert outcome == "execution_success" and len(events) == steps, outcome
+    started = POOL_STARTED.findall(text_log)
+    assert len(started) == 1 and not {int(p) for p in started[0]} & pids, text_log[-3000:]
+    _post(server, "/free", {"unload_models": True, "free_memory": True})
+    _no_workers_left(server, {int(p) for p in started[0]})

@@ -25,7 +25,7 @@ OUT = ROOT / "workflows"
 
 # Widget names of our nodes, in schema order (required inputs first, then optional ones).
 GRN_WIDGETS = {
-    "GRNLoadModel": ["refiner", "tokenizer", "weight_dtype", "layout", "offload", "download_missing"],
+    "GRNLoadModel": ["refiner", "tokenizer", "weight_dtype", "layout", "offload", "download_missing", "devices"],
     "GRNEncodePrompt": ["prompt", "negative_prompt", "task", "add_task_tag", "umt5_file", "default_negative"],
     "GRNRefineSampler": ["width", "height", "resolution", "aspect", "frames", "duration", "seed",
                          "control_after_generate", "steps", "adaptive_steps", "min_steps", "warmup", "adaptive_k",
@@ -132,7 +132,7 @@ def grn(type_: str, preset_task: str = "t2v", **values) -> list:
 
 def loader(refiner: str) -> list:
     return grn("GRNLoadModel", refiner=refiner, tokenizer="auto", weight_dtype="default", layout="auto",
-               offload="auto", download_missing=False)
+               offload="auto", download_missing=False, devices="")
 
 
 def prompt_node(text: str, task: str = "auto") -> list:
