@@ -597,12 +597,12 @@ def memory_need(model: GRNModel, width: int, height: int, frames: int, task: str
     storage, compute = _refiner_dtypes(model.refiner)
     mode, world = parallel
     guided = float(guidance) != 1.0
-    if mode in ("sp", "cfg+sp") or (mode == "cfg" and guided):  # a share of a guided step (an upper bound unguided)
+    if mode in ("cfg", "sp", "cfg+sp"):  # this rank's share of the step
         from .runtime.memory import parallel_step_bytes
 
         step = parallel_step_bytes(model.refiner.config, (max(t, 1), h, w), mode, world, text_tokens=text_tokens,
                                    batch=batch_size, compute=compute, storage=storage,
-                                   first_frame=task == "i2v").activations
+                                   first_frame=task == "i2v", guided=guided).activations
     else:
         step = refiner_step_bytes(model.refiner.config, (max(t, 1), h, w), text_tokens=text_tokens,
                                   batch=batch_size, branches=2 if guided else 1, compute=compute,

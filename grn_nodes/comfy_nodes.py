@@ -123,9 +123,10 @@ class GRNLoadModel(io.ComfyNode):
                                         "devices, e.g. 'cuda:0,cuda:1': a pool of worker processes, one per device, "
                                         "each with its own copy of the model (loaded once, kept warm, stopped by "
                                         "'Unload models'); with 2 devices and guidance each computes one guidance "
-                                        "branch (same images, up to twice as fast), otherwise the first device "
-                                        "samples alone. Workers place the weights per 'offload'. 'cpu,cpu' tries "
-                                        "the pool without a GPU."),
+                                        "branch (same images, up to twice as fast); otherwise every step's "
+                                        "sequence is split over the devices where the model's attention heads "
+                                        "allow it (sp, cfg+sp), else the first device samples alone. Workers place "
+                                        "the weights per 'offload'. 'cpu,cpu' tries the pool without a GPU."),
             ],
             outputs=[GRN_MODEL.Output(display_name="model")],
         )

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 1800.0   # loading a large model on every worker may take minutes
 STOP_GRACE_S = 120.0       # an unguided step of a large model ends before the workers can agree to stop
+ERROR_GRACE_S = 5.0        # after one worker's error, how long its peers get to report theirs (a refused request
+                           # fails on every rank at once; a peer that does not answer is waiting in a collective)
 EXIT_GRACE_S = 10.0        # close(): how long the workers get to leave on their own before they are terminated
 POLL_S = 0.05
 
@@ -666,6 +668,7 @@ class DevicePool:
         result = None
         raised: Optional[BaseException] = None
         stop_at: Optional[float] = None
+        error_at: Optional[float] = None
         last_word = time.monotonic()
         while pending:
             if stop_at is None and should_stop is not None and should_stop():
@@ -689,10 +692,20 @@ class DevicePool:
                 outcome[rank] = (kind, message[3])
                 if kind == "done" and rank == 0:
                     result = message[3]
+                if kind == "error" and error_at is None:
+                    error_at = time.monotonic()
             if not pending:
                 break
             self._check_alive("during a run")
             now = time.monotonic()
+            if error_at is not None and now - error_at > ERROR_GRACE_S:
+                # A rank failed alone (e.g. out of memory on a GPU it shares with ComfyUI): its peers wait for it in
+                # a collective until the timeout. Do not make the user wait for that: end the pool now.
+                log.warning("%s: a worker failed and its peers are waiting for it; shutting the pool down",
+                            self.label)
+                self._shutdown()
+                failed = min(r for r in outcome if outcome[r][0] == "error")
+                self._raise(failed, outcome[failed][1], "during a run")
             if stop_at is not None and now - stop_at > self.stop_grace_s:
                 log.warning("%s: the workers did not stop within %g s of the interrupt; shutting the pool down",
                             self.label, self.stop_grace_s)

@@ -407,3 +407,25 @@ def test_the_mode_per_request():
     assert parallel_mode(3, "t2v", 3.0, (4, 4)) is None and parallel_mode(3, "t2v", 3.0, (18, 18)) == "sp"
     assert parallel_mode(4, "t2v", 3.0, (18, 18)) == "cfg+sp" and parallel_mode(4, "t2v", 1.0, (18, 18)) is None
     assert parallel_mode(8, "t2v", 3.0, (32, 32)) == "sp" and parallel_mode(2, "c2i", 1.0, (4, 4)) is None
+
+
+def test_a_worker_failing_alone_ends_the_run_without_waiting_for_the_timeout(cond):
+    """Rank 0 fails (its preview raises) while rank 1 waits for it in a collective: the error comes back after the
+    short grace, not after the pool's timeout (here 120 s; 30 min by default), and the pool is shut down."""
+    from grn_core.pipeline import GenerationRequest
+    from grn_core.sampler import SamplerSettings
+    from grn_nodes.pool import ERROR_GRACE_S
+    from tests._failing_preview import FailingPreview
+
+    pool = DevicePool(("cpu", "cpu"), PoolModel(heads=(4, 4)), threads=1, timeout_s=120)
+    try:
+        request = GenerationRequest(32, 32, 9, seed=5, settings=SamplerSettings(steps=4, guidance=1.0))
+        assert pool.mode_for("t2v", 1.0) == "sp"  # both ranks run every step
+        pool.start()
+        started = time.monotonic()
+        with pytest.raises(DevicePoolError, match="preview failed on rank 0 only"):
+            pool.generate_tokens(cond.features["t2v"], request, preview=FailingPreview(), callback=lambda info: None)
+        assert time.monotonic() - started < ERROR_GRACE_S + 20
+        assert not pool.running
+    finally:
+        pool.close()

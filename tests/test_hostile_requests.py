@@ -420,7 +420,7 @@ def test_ctrl_c_ends_a_long_step_within_one_block(tmp_path, capsys, monkeypatch)
 
 @needs_tiny
 def test_ctrl_c_while_loading_is_interrupted_not_a_traceback(tmp_path, capsys, monkeypatch):
-    def load(args):
+    def load(args, text_encoder=True):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_generate, "load_from_args", load)

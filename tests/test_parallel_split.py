@@ -160,6 +160,21 @@ def test_one_process_decodes_and_passes_features_through(tiny, one_thread):
         decode_tokens_split(plan, tiny, bits[:, :32])
 
 
+def test_a_gpu_short_of_memory_leaves_the_decode_to_rank_0_tiled(tiny, one_thread, monkeypatch):
+    """Where ``decode_tokens`` would tile (a tight GPU), the split decode hands it the whole job (rank 0)."""
+    import grn_core.pipeline as pipeline
+    import grn_core.runtime.split as split
+
+    bits = _bits((1, 64, 3, 2, 2))
+    assert not split._needs_tiles(tiny, bits)  # the CPU: never tiles
+    calls = []
+    real = pipeline.decode_tokens
+    monkeypatch.setattr(pipeline, "decode_tokens", lambda model, bits, **kw: calls.append(kw) or real(model, bits))
+    monkeypatch.setattr(split, "_needs_tiles", lambda model, bits: True)
+    assert torch.equal(decode_tokens_split(ParallelPlan.single(), tiny, bits), real(tiny, bits))
+    assert calls == [{}]  # decode_tokens' own choice of tiles ("auto")
+
+
 # ---- two processes ---------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -303,6 +318,11 @@ def test_per_rank_memory_of_the_parallel_modes():
             assert 0.5 < sp2.activations / one.activations < 0.7  # rows / 2, plus the all-to-all buffers
             cfg_sp = parallel_step_bytes(config, grid, "cfg+sp", 4, text_tokens=120)
             assert cfg_sp.activations < min(cfg.activations, sp2.activations)
+            # Guidance 1: one branch. sp splits it; cfg's conditional side runs it whole, as one process does.
+            alone = refiner_step_bytes(config, grid, text_tokens=120, branches=1)
+            sp_one = parallel_step_bytes(config, grid, "sp", 2, text_tokens=120, guided=False)
+            assert sp_one.branches == 1 and 0.5 < sp_one.activations / alone < 0.75
+            assert parallel_step_bytes(config, grid, "cfg", 2, text_tokens=120, guided=False).activations >= alone
     # Ulysses: activations fall with the degree, towards what does not split (gathered logits, sampler state)
     degrees = [parallel_step_bytes(GRN8b(), GRID_720, "sp", p).activations for p in (2, 4, 8, 16, 32)]
     assert degrees == sorted(degrees, reverse=True)
@@ -327,3 +347,12 @@ def test_per_rank_memory_refuses_layouts_that_cannot_run():
     assert parallel_layout("cfg+sp", 6, GRN2b()) == (3, 1)
     assert parallel_layout("sp", 4, GRN8b()) == (4, 2)
     assert issubclass(ParallelLayoutError, ValueError)
+
+
+def test_the_memory_check_counts_one_ranks_share(tiny):
+    from grn_core.pipeline import memory_need
+
+    for guidance in (1.0, 3.0):
+        alone = memory_need(tiny, 1024, 1024, 81, "t2v", guidance).host
+        assert memory_need(tiny, 1024, 1024, 81, "t2v", guidance, parallel=("sp", 2)).host < alone
+        assert memory_need(tiny, 1024, 1024, 81, "t2v", guidance, parallel=("data", 2)).host == alone

@@ -216,9 +216,11 @@ def check_parallel_mode(mode: Optional[str], world_size: int, heads: Optional[Tu
             valid = [p for p in range(2, n_kv + 1) if n_heads % p == 0 and n_kv % p == 0]
             per = " (the processes of each guidance branch)" if mode == "cfg+sp" else ""
             counts = [p * (2 if mode == "cfg+sp" else 1) for p in valid]
+            fits = (f"Valid process counts for --parallel {mode}: {', '.join(map(str, counts))}." if counts else
+                    "No count can split them: use --parallel cfg (2 processes) or data.")
             raise ValueError(f"--parallel {mode} splits attention heads over {degree} processes{per}, but this "
-                             f"refiner has {n_heads} heads ({n_kv} key/value heads), which {degree} does not divide. "
-                             f"Valid process counts for --parallel {mode}: {', '.join(map(str, counts))}.")
+                             f"refiner has {n_heads} heads and {n_kv} key/value heads, and {degree} does not divide "
+                             f"both. {fits}")
 
 
 def sp_degree(mode: Optional[str], world_size: int) -> int:

@@ -228,8 +228,10 @@ def parallel_layout(mode: Optional[str], world_size: int, config: Any = None) ->
 
 def parallel_step_bytes(config: Any, grid: tuple[int, int, int], mode: Optional[str] = None, world_size: int = 1,
                         text_tokens: int = 128, batch: int = 1, compute: torch.dtype = torch.bfloat16,
-                        storage: Optional[torch.dtype] = None, first_frame: bool = False) -> RankMemory:
-    """Per-rank weight and activation bytes of one guided refiner step under ``--parallel mode``.
+                        storage: Optional[torch.dtype] = None, first_frame: bool = False,
+                        guided: bool = True) -> RankMemory:
+    """Per-rank weight and activation bytes of one refiner step under ``--parallel mode`` (``guided=False``: guidance
+    1, one branch: ``sp`` splits that branch alone, ``cfg`` / ``cfg+sp`` run it on the conditional side).
 
     From the single-process terms (:func:`refiner_step_bytes`, :func:`refiner_weight_bytes`; ``storage`` defaults to
     ``compute``). Weights are never split: every rank holds the whole refiner. Activations:
@@ -247,10 +249,13 @@ def parallel_step_bytes(config: Any, grid: tuple[int, int, int], mode: Optional[
     about halves them; the weights set the floor.
     """
     degree, branches = parallel_layout(mode, world_size, config)
+    if not guided:
+        branches = 1
     weights = refiner_weight_bytes(config, storage or compute, compute)["total"]
     s = _step_terms(config, grid, text_tokens, batch, branches, compute, first_frame, storage)
     rows, head_rows, logits = s["rows"], s["head_rows"], s["logits_row"]
-    exchange = 2 * head_rows * logits if mode in ("cfg", "cfg+sp") else 0  # both branches' logits, gathered
+    # cfg / cfg+sp: both branches' logits, gathered (unguided: the conditional ones, broadcast)
+    exchange = (2 if guided else 1) * head_rows * logits if mode in ("cfg", "cfg+sp") else 0
     if degree == 1:
         attention, mlp = rows * s["attention_row"], rows * s["mlp_row"]
         head = head_rows * s["head_row"] + exchange

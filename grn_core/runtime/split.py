@@ -358,6 +358,10 @@ def decode_tokens_split(plan: ParallelPlan, model, tokens: Any, strategy: str = 
     """``pipeline.decode_tokens(model, tokens, tile=None)`` shared by the ranks: frames ``[B, T, H, W, 3]`` float32 in
     [0, 1] on the CPU, on rank 0 (every rank with ``everywhere``), None on the others. Every rank passes the same
     bits (a ``TokenResult`` or ``[B, rounds*d, t, h, w]``); samples are decoded one at a time, as decode_tokens does.
+
+    When a rank's GPU has too little free memory for whole frames (``decode_tokens`` would decode spatial tiles
+    there), the ranks agree to let rank 0 run ``decode_tokens`` alone, tiled: a split piece stays on its GPU until the
+    gather, which a tight GPU cannot afford.
     """
     from ..pipeline import TokenResult
     from .memory import decode_advice, oom_guard
@@ -370,6 +374,15 @@ def decode_tokens_split(plan: ParallelPlan, model, tokens: Any, strategy: str = 
                          "maps; decode with the model that made them.")
     from .. import hbq
 
+    tight = torch.tensor([1.0 if _needs_tiles(model, bits) else 0.0], device=plan.device)
+    if plan.active:  # every rank must take the same path: one gather needs all of them
+        import torch.distributed as dist
+
+        plan.guarded("agreeing how to decode", lambda: dist.all_reduce(tight, op=dist.ReduceOp.MAX))
+    if tight.item() > 0:
+        from ..pipeline import decode_tokens
+
+        return decode_tokens(model, bits) if (plan.is_main or everywhere) else None
     samples = []
     with model.stage(model.tokenizer), torch.inference_mode():
         weight = next(model.tokenizer.parameters())
@@ -382,6 +395,24 @@ def decode_tokens_split(plan: ParallelPlan, model, tokens: Any, strategy: str = 
                     video = video.to(device="cpu", dtype=torch.float32)
                     samples.append(((video[0] + 1) / 2).clamp_(0, 1).permute(1, 2, 3, 0).contiguous())
     return torch.stack(samples) if samples else None
+
+
+def _needs_tiles(model, bits: torch.Tensor) -> bool:
+    """Whether ``pipeline.decode_tokens`` would decode tiles on this rank: a CUDA device whose free memory does not
+    hold a whole frame's decode (the same estimate, ``tokenizer.tiled.choose_tile``)."""
+    from ..pipeline import DECODE_OVERLAP
+    from ..tokenizer.tiled import choose_tile
+
+    device = model.compute_device or model.device
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    dtype = next(model.tokenizer.parameters()).dtype
+    try:
+        return choose_tile(model.tokenizer.config, tuple(bits.shape[-2:]), int(free * 0.8), DECODE_OVERLAP,
+                           dtype) is not None
+    except ValueError:
+        return True
 
 
 # ---- prompt features -------------------------------------------------------------------------------------------------
