@@ -58,6 +58,15 @@ def _worker(rank: int, world: int, port: int, job: str, arg, folder: str) -> Non
                 plan.close()
         elif job == "die":
             _die_mid_run(rank)
+        elif job == "agree":
+            plan = ParallelPlan.from_env("cpu", timeout_s=20)
+            try:
+                mine = torch.tensor([rank % 2 == 0, rank == 1, True])  # bools: not every backend moves them
+                result["broadcast"] = plan.broadcast_(mine, "test").tolist()
+                plan.check_same_tensor(torch.arange(4), "equal tensors")
+                plan.check_same_tensor(torch.tensor([rank], dtype=torch.uint8), "bits")
+            finally:
+                plan.close()
         elif job == "sp_logits":
             result["errors"] = _sp_logit_errors(rank, world)
     except Exception as error:  # noqa: BLE001 - the test reads it
@@ -241,6 +250,32 @@ def test_sp_and_cfg_sp_generate_the_single_process_video(tmp_path, one_thread):
         assert "wrote" in results[0]["stdout"] and all(r["stdout"] == "" for r in results[1:])
         assert _fraction_equal(_bits(folder / f"{mode}.safetensors"), single) >= 0.999
         assert json.loads((folder / f"{mode}.json").read_text())["nfe"] == 6
+
+
+def test_editing_under_sp_starts_every_rank_from_rank_0s_source(tmp_path, one_thread):
+    """--init with --mask under --parallel sp: rank 0's source bits and kept cells are broadcast, the ranks end
+    with the same bits (checked before anything is written) and the result is the single-process one."""
+    from PIL import Image
+
+    assert main(_generate(tmp_path, "source", "--prompt", PROMPT)) == 0
+    mask = torch.zeros(32, 32, dtype=torch.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask.numpy()).save(tmp_path / "mask.png")
+    edit = ["--prompt", "a blue square moving up", "--init", str(tmp_path / "source.safetensors"),
+            "--strength", "0.5", "--mask", str(tmp_path / "mask.png")]
+    assert main(_generate(tmp_path, "alone", *edit)) == 0
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    results = _spawn("cli", _generate(folder, "sp", *edit, "--parallel", "sp"), folder)
+    assert [r["rc"] for r in results] == [0, 0], results
+    assert torch.equal(_bits(folder / "sp.safetensors"), _bits(tmp_path / "alone.safetensors"))
+
+
+def test_rank_0s_tensors_reach_every_rank_and_diverged_ranks_are_an_error(tmp_path):
+    results = _spawn("agree", None, tmp_path)
+    for result in results:
+        assert result["broadcast"] == [True, False, True], results
+        assert "DistributedError" in result["error"] and "rank 1 ended with other bits than rank 0" in result["error"]
 
 
 def test_parallel_flag_choices_are_checked_before_any_work(tmp_path, capsys):

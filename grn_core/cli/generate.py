@@ -429,14 +429,28 @@ def _sample_prompt(args: argparse.Namespace, model: Any, encoder: Any, task: str
             feats = encode()
     image = prepare_first_frame(picture, plan.width, plan.height) if picture is not None else None
     init_bits, fixed, strength = _edit_request(args, edit, model, plan, settings)
+    first_bits = None
+    if shared is not None:  # every rank starts from rank 0's encodings of the sources (see ParallelPlan.broadcast_)
+        if image is not None:
+            from ..pipeline import encode_first_frame
+
+            first_bits = shared.broadcast_(encode_first_frame(model, image, plan.width, plan.height),
+                                           "sharing the first frame's bits")
+            image = None
+        init_bits = shared.broadcast_(init_bits, "sharing the source's bits")
+        fixed = shared.broadcast_(fixed, "sharing the kept cells")
     request = GenerationRequest(width=plan.width, height=plan.height, frames=plan.frames, seed=args.seed,
                                 settings=settings, init_bits=init_bits, fixed=fixed, strength=strength)
     try:
         with ctrl_c.cooperative(model.refiner):
-            return generate_tokens(model, feats, request, first_frame=image, callback=on_step,
-                                   preview=args.preview_dir is not None, branches=branches)
+            tokens = generate_tokens(model, feats, request, first_frame=image, callback=on_step,
+                                     preview=args.preview_dir is not None, branches=branches,
+                                     first_frame_bits=first_bits)
     finally:
         progress.close()
+    if shared is not None:
+        shared.check_same_tensor(tokens.bits, "bits")
+    return tokens
 
 
 def _read_edit_inputs(args: argparse.Namespace, task: Optional[str]) -> dict:

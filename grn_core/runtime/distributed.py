@@ -160,6 +160,34 @@ class ParallelPlan:
         self.guarded(what, lambda: dist.gather_object(obj, out, dst=0))
         return out
 
+    def broadcast_(self, tensor: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
+        """Rank 0's values of ``tensor`` on every rank (each rank passes a tensor of the same shape and dtype, e.g.
+        its own encoding of the same source: on GPUs two encodes need not agree to the last bit, and ranks that
+        start from different bits would sample different videos). None passes through."""
+        if tensor is None or not self.active:
+            return tensor
+        import torch.distributed as dist
+
+        moved = tensor.to(self.device).contiguous()  # NCCL moves device tensors only
+        if moved.dtype == torch.bool:  # not every backend moves bools
+            moved = moved.to(torch.uint8)
+        self.guarded(what, lambda: dist.broadcast(moved, src=0))
+        return moved.to(device=tensor.device, dtype=tensor.dtype)
+
+    def check_same_tensor(self, tensor: torch.Tensor, what: str) -> None:
+        """Every rank holds the same values (compared by SHA-256 of the bytes): else :class:`DistributedError`."""
+        if not self.active:
+            return
+        data = tensor.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+        every = self.all_gather_object(digest, f"comparing {what} between ranks")
+        bad = [r for r, d in enumerate(every) if d != every[0]]
+        if bad:
+            raise DistributedError(f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} ended with other "
+                                   f"{what} than rank 0: the ranks "
+                                   "diverged (their GPUs computed differently). Nothing was written; run again, or "
+                                   "without --parallel.")
+
     def check_same_files(self, paths: Sequence[Any]) -> None:
         """Every rank names the same model files (by fingerprint): else :class:`DistributedError` naming the ranks."""
         mine = [file_fingerprint(p) for p in paths]
