@@ -389,10 +389,20 @@ def _serve(message: tuple, model: Any, plan: Any, stops: _Stops, conn: Any, rank
             strategy = _STRATEGIES[mode]
             if strategy is not None:
                 strategy = _AgreedStops(strategy, stops)
-            result = generate_tokens(model, payload["features"], payload["request"],
-                                     first_frame=payload.get("first_frame"), callback=report if main else None,
-                                     preview=main, first_frame_bits=payload.get("first_frame_bits"),
+            request = payload["request"]
+            first_frame, first_bits = payload.get("first_frame"), payload.get("first_frame_bits")
+            if mode is not None and first_frame is not None:
+                # Every rank starts from rank 0's encoding (two GPUs' encodes need not agree to the last bit).
+                from grn_core.pipeline import encode_first_frame
+
+                first_bits = plan.broadcast_(encode_first_frame(model, first_frame, request.width, request.height),
+                                             "sharing the first frame's bits")
+                first_frame = None
+            result = generate_tokens(model, payload["features"], request, first_frame=first_frame,
+                                     callback=report if main else None, preview=main, first_frame_bits=first_bits,
                                      branches=strategy)
+            if mode is not None:
+                plan.check_same_tensor(result.bits, "bits")
         _send(conn, ("done", job, rank, result if main else None))
     except RefinerInterrupted:
         _send(conn, ("stopped", job, rank, None))
