@@ -236,7 +236,7 @@ def tracked_tile_by_tile_bytes(config: TokenizerConfig, dtype: torch.dtype, grid
     stem of one latent frame (with the stem cache) and the tail of one tile (its input crop, cache and activations);
     the output and the stored stem features live on the CPU. From the third latent frame on, every cache is full."""
     from grn_core.tokenizer.causal import CausalCache
-    from grn_core.tokenizer.tiled import _stem, _stem_scale, _tail
+    from grn_core.tokenizer.tiled import _stem_scale, decode_stem, decode_tail
 
     tok = _on_meta(lambda: HBQTokenizer(config)).to(dtype).eval()
     z = torch.zeros(1, config.z_dim, latent_frames, *grid, device="meta", dtype=dtype)
@@ -247,14 +247,14 @@ def tracked_tile_by_tile_bytes(config: TokenizerConfig, dtype: torch.dtype, grid
             cache = CausalCache()
             shapes = []
             for i in range(latent_frames):
-                shapes.append(tuple(_stem(tok, z[:, :, i : i + 1], cache).shape))
+                shapes.append(tuple(decode_stem(tok, z[:, :, i : i + 1], cache).shape))
                 cache.advance()
             del cache
         with LiveTensorBytes() as tail_tracker:
             cache = CausalCache()
             for shape in shapes:
                 crop = torch.zeros(*shape[:3], th * scale, tw * scale, device="meta", dtype=dtype)  # copied in
-                chunk = _tail(tok, crop, cache)
+                chunk = decode_tail(tok, crop, cache)
                 cache.advance()
                 del crop, chunk
             del cache

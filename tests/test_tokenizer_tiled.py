@@ -108,8 +108,8 @@ def test_stem_and_tail_are_the_decoder(golden, z, references):
     stem_cache, tail_cache, chunks = CausalCache(), CausalCache(), []
     with torch.inference_mode():
         for i in range(z.shape[2]):
-            features = tiled._stem(golden, z[:, :, i : i + 1], stem_cache)
-            chunks.append(tiled._tail(golden, features, tail_cache))
+            features = tiled.decode_stem(golden, z[:, :, i : i + 1], stem_cache)
+            chunks.append(tiled.decode_tail(golden, features, tail_cache))
             stem_cache.advance()
             tail_cache.advance()
     assert torch.equal(torch.cat(chunks, dim=2), references["golden"])
@@ -305,7 +305,7 @@ def test_out_of_memory_says_what_to_change(golden, z, monkeypatch):
     monkeypatch.setattr(golden, "decode_iter", no_memory)
     with pytest.raises(torch.OutOfMemoryError, match=r"decode in tiles \(tile=.*out_device='cpu'"):
         decode_tiled(golden, z)
-    monkeypatch.setattr(tiled, "_tail", lambda *a, **k: no_memory().__next__())
+    monkeypatch.setattr(tiled, "decode_tail", lambda *a, **k: no_memory().__next__())
     with pytest.raises(torch.OutOfMemoryError, match=r"16x16-cell tiles: use smaller tiles \(e\.g\. tile=\(8, 8\)\)"):
         decode_tiled(golden, torch.zeros(1, 8, 1, 20, 20), tile=16)
     with pytest.raises(torch.OutOfMemoryError, match="smaller tiles"):

@@ -44,7 +44,7 @@ import torch
 
 from ..tokenizer.causal import CausalCache, unpatchify
 from ..tokenizer.config import TokenizerConfig
-from ..tokenizer.tiled import _stem, _stem_levels, _tail
+from ..tokenizer.tiled import decode_stem, decode_tail, stem_levels
 from .distributed import DistributedError, ParallelPlan
 
 __all__ = ["DecodeSplit", "SplitError", "broadcast_features", "decode_frames", "decode_split", "decode_tokens_split",
@@ -104,7 +104,7 @@ def stem_span(config: TokenizerConfig, start: int, stop: int, size: int) -> Tupl
     residual blocks' 3x3 convs (one cell each). Convs pad with zeros at a crop's border just as at the frame's, so
     beyond this span the crop border changes nothing; at the frame border the crop *is* the frame.
     """
-    levels, first = len(config.dim_mult), _stem_levels(config)
+    levels, first = len(config.dim_mult), stem_levels(config)
     px = config.spatial_factor // 2 ** first  # pixels per stem cell
     lo, hi = (start * px) // 2, -(-(stop * px) // 2)  # head-level cells (unpatchify)
     lo, hi = lo - 1, hi + 1  # head conv
@@ -137,7 +137,7 @@ def _decoder_work(config: TokenizerConfig) -> Tuple[float, float]:
     A conv ``c_in -> c_out`` with ``k`` taps at level ``i`` runs on ``4^i`` cells per latent cell and ``r_i``
     frames per latent frame (``r`` doubles at each temporal up-sampling): ``c_in c_out k 4^i r_i``.
     """
-    widths, levels, first = config.decoder_widths, len(config.dim_mult), _stem_levels(config)
+    widths, levels, first = config.decoder_widths, len(config.dim_mult), stem_levels(config)
     work = [config.z_dim * widths[0] * 27 + 4 * widths[0] ** 2 * 27 + 4 * widths[0] ** 2, 0.0]  # conv1, middle
     rate = 1
     for i in range(levels):
@@ -212,7 +212,7 @@ def plan_decode_split(config: TokenizerConfig, latent_shape: Sequence[int], worl
         busiest = max(b - max(0, a - r) for a, b in parts if b > a)
         options.append(DecodeSplit("time", tuple(parts), warmup=r, work=busiest / t))
     if strategy in ("auto", "space"):
-        scale = 2 ** _stem_levels(config)
+        scale = 2 ** stem_levels(config)
         for axis, size, other in ((-1, w * scale, h), (-2, h * scale, w)):
             def crop_of(a: int, b: int, size: int = size) -> int:
                 lo, hi = stem_span(config, a, b, size)
@@ -269,16 +269,16 @@ def decode_frames(tokenizer, z: torch.Tensor, start: int, stop: int, warmup: Opt
 def _decode_band(tokenizer, z: torch.Tensor, start: int, stop: int, axis: int) -> torch.Tensor:
     """Every frame of stem cells ``[start, stop)`` along ``axis``: stem on whole frames, tail on the band's crop."""
     config = tokenizer.config
-    size = int(z.shape[axis]) * 2 ** _stem_levels(config)
+    size = int(z.shape[axis]) * 2 ** stem_levels(config)
     lo, hi = stem_span(config, start, stop, size)
-    px = config.spatial_factor // 2 ** _stem_levels(config)
+    px = config.spatial_factor // 2 ** stem_levels(config)
     keep = slice((start - lo) * px, (stop - lo) * px)
     stem_cache, tail_cache, chunks = CausalCache(), CausalCache(), []
     for i in range(int(z.shape[2])):
-        features = _stem(tokenizer, z[:, :, i:i + 1], stem_cache)
+        features = decode_stem(tokenizer, z[:, :, i:i + 1], stem_cache)
         stem_cache.advance()
         crop = features.narrow(axis, lo, hi - lo)
-        frames = _tail(tokenizer, crop, tail_cache)
+        frames = decode_tail(tokenizer, crop, tail_cache)
         tail_cache.advance()
         chunks.append(frames[..., keep, :] if axis == -2 else frames[..., keep])
     return torch.cat(chunks, dim=2)
@@ -291,7 +291,7 @@ def _local_piece(tokenizer, z: torch.Tensor, split: DecodeSplit, rank: int) -> T
     if split.strategy == "time":
         lengths = [_pixel_frame(config, q) - _pixel_frame(config, p) if q > p else 0 for p, q in split.parts]
         return decode_frames(tokenizer, z, a, b, split.warmup), lengths, 2
-    px = config.spatial_factor // 2 ** _stem_levels(config)
+    px = config.spatial_factor // 2 ** stem_levels(config)
     lengths = [(q - p) * px for p, q in split.parts]
     axis = split.axis % 5
     if b > a:

@@ -53,9 +53,12 @@ from .config import TokenizerConfig
 __all__ = [
     "DecodeMemoryEstimate",
     "choose_tile",
+    "decode_stem",
+    "decode_tail",
     "decode_tiled",
     "decode_tiled_iter",
     "estimate_decode_memory",
+    "stem_levels",
     "tail_receptive_field",
     "tile_starts",
 ]
@@ -174,26 +177,27 @@ def _target(tokenizer, out_device, out_dtype) -> tuple[torch.device, torch.dtype
 
 
 # ---- the decoder, split into a whole-frame stem and a tiled tail ---------------------------------------------------
-def _stem_levels(config: TokenizerConfig) -> int:
+def stem_levels(config: TokenizerConfig) -> int:
+    """Up-sampling levels in the stem (the part run on whole frames, with the frame-wide attention)."""
     return min(STEM_LEVELS, len(config.dim_mult) - 1)  # the last level does not up-sample
 
 
-def _stem(tokenizer, z_frame: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+def decode_stem(tokenizer, z_frame: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     """One latent frame ``[B, d, 1, h, w]`` -> features after the first STEM_LEVELS up-sampling levels."""
     decoder = tokenizer.decoder
     h = decoder.conv1(tokenizer.conv2(z_frame), cache)
     res1, attn, res2 = decoder.middle
     h = res2(attn(res1(h, cache)), cache)
-    for level in decoder.upsamples[: _stem_levels(tokenizer.config)]:
+    for level in decoder.upsamples[: stem_levels(tokenizer.config)]:
         h = level(h, cache)
     return h
 
 
-def _tail(tokenizer, features: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+def decode_tail(tokenizer, features: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     """Stem features of one region -> its frames ``[B, 3, n, H, W]`` (the rest of ``Decoder3d.forward``)."""
     decoder = tokenizer.decoder
     h = features
-    for level in decoder.upsamples[_stem_levels(tokenizer.config) :]:
+    for level in decoder.upsamples[stem_levels(tokenizer.config) :]:
         h = level(h, cache)
     norm, _, conv = decoder.head
     return unpatchify(conv(F.silu(norm(h)), cache))
@@ -201,7 +205,7 @@ def _tail(tokenizer, features: torch.Tensor, cache: CausalCache) -> torch.Tensor
 
 def _stem_scale(config: TokenizerConfig) -> int:
     """Stem feature cells per latent cell along H and W."""
-    return 2 ** _stem_levels(config)
+    return 2 ** stem_levels(config)
 
 
 def _out_of_memory(tokenizer, z: torch.Tensor, size: Optional[tuple[int, int]], overlap: int,
@@ -300,7 +304,7 @@ def _decode_by_tile(tokenizer, z: torch.Tensor, size: Optional[tuple[int, int]],
     # The stem of every latent frame, once (cheap, and kept off the compute device when out_device says so).
     stem_cache, stems = CausalCache(), []
     for i in range(latent_frames):
-        stems.append(_stem(tokenizer, z[:, :, i : i + 1], stem_cache).to(device))
+        stems.append(decode_stem(tokenizer, z[:, :, i : i + 1], stem_cache).to(device))
         stem_cache.advance()
         if progress is not None:
             progress(i + 1, steps)
@@ -312,7 +316,7 @@ def _decode_by_tile(tokenizer, z: torch.Tensor, size: Optional[tuple[int, int]],
         rows, cols = t.pixels(sf)
         cache, start = CausalCache(), 0
         for features in stems:
-            chunk = _tail(tokenizer, t.crop(features, scale).to(compute), cache).to(device=device, dtype=work)
+            chunk = decode_tail(tokenizer, t.crop(features, scale).to(compute), cache).to(device=device, dtype=work)
             cache.advance()
             n = chunk.shape[2]
             out[:, :, start : start + n, rows, cols].addcmul_(chunk, t.weight)
@@ -355,11 +359,11 @@ def _decode_by_frame(tokenizer, z: torch.Tensor, size: Optional[tuple[int, int]]
     stem_cache = CausalCache()
     caches = [CausalCache() for _ in tiles]  # one per region: the cache holds that region's feature maps
     for i in range(int(z.shape[2])):
-        features = _stem(tokenizer, z[:, :, i : i + 1], stem_cache)
+        features = decode_stem(tokenizer, z[:, :, i : i + 1], stem_cache)
         stem_cache.advance()
         frame = None
         for t, cache in zip(tiles, caches):
-            chunk = _tail(tokenizer, t.crop(features, scale), cache).to(device=device, dtype=work)
+            chunk = decode_tail(tokenizer, t.crop(features, scale), cache).to(device=device, dtype=work)
             cache.advance()
             if frame is None:
                 frame = torch.zeros(*chunk.shape[:3], *total.shape, dtype=work, device=device)
