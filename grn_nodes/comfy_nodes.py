@@ -167,6 +167,9 @@ class GRNLoadModel(io.ComfyNode):
                              loaded.offload, loaded.refiner_name, _heads(loaded.model))
             loaded.pool = DevicePool(pool_devices, spec, should_stop=mm.processing_interrupted)
             loaded.pool.bind(loaded)
+            # This process never runs the refiner now (the workers do): keep its shapes and dtypes, drop its weights
+            # (an 8B refiner would otherwise hold 16 GB of host memory here for nothing).
+            loaded.model.refiner.to("meta")
             with _cancel_between_blocks(loaded.model.refiner, mm):
                 patching.load_pool(loaded, mm)
         return io.NodeOutput(loaded)

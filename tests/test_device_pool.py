@@ -105,6 +105,7 @@ def test_pooled_runs_give_the_single_process_bits_events_and_progress(comfy, nod
     assert set(pool.pids) <= _children()
     assert pooled.patchers["pool"] in comfy.loaded  # Load GRN handed it to ComfyUI's memory manager
     assert "sampled by a pool of workers on cpu, cpu" in pooled.describe()
+    assert all(p.is_meta for p in pooled.model.refiner.parameters())  # no refiner weights in this process
     pids = pool.pids
     for guidance, mode in ((3.0, "cfg"), (1.0, "sp")):  # a branch per worker; the sequence split
         assert pool.mode_for("t2v", guidance) == mode
