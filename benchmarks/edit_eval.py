@@ -50,7 +50,6 @@ import dataclasses
 import datetime
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -399,11 +398,10 @@ def miss_notes(report: dict) -> list[str]:
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    text = path.read_text() if path.is_file() else ""
-    section = markdown_section(result)
-    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else (text + ("\n" if text else "") + section)
-    path.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from shapes_eval import replace_section
+
+    replace_section(path, markdown_section(result), SECTION_START, SECTION_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grn_core.refiner.config import GRN2b, GRN8b  # noqa: E402
-from grn_core.runtime.distributed import logits_exchange_bytes, ulysses_bytes  # noqa: E402
+from grn_core.runtime.distributed import (free_local_port, local_group_env, logits_exchange_bytes,  # noqa: E402
+                                          ulysses_bytes)
 
 
 def _model(kind: str):
@@ -94,8 +94,7 @@ MODES = {"cfg": 2, "sp": 2, "cfg+sp": 4}  # mode -> processes
 
 
 def _rank(rank: int, world: int, port: int, mode: str, kind: str, steps: int, threads: int, out) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(local_group_env(rank, world, port))
     from grn_core.runtime.distributed import ParallelPlan, branch_strategy
 
     (refiner, bits, c, u), _ = _setup(kind, threads)
@@ -112,7 +111,7 @@ def _rank(rank: int, world: int, port: int, mode: str, kind: str, steps: int, th
 
 def _launch(target, world: int, args: tuple) -> None:
     ctx = multiprocessing.get_context("spawn")
-    port = _port()
+    port = free_local_port()
     procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
     for q in procs:
         q.start()
@@ -120,12 +119,6 @@ def _launch(target, world: int, args: tuple) -> None:
         q.join()
     if any(q.exitcode for q in procs):
         raise SystemExit(f"a rank failed: exit codes {[q.exitcode for q in procs]}")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def timing_table(steps: int, threads: int) -> None:
@@ -190,8 +183,7 @@ def _load(path: Path) -> tuple:
 
 
 def _judge_rank(rank: int, world: int, port: int, clips: int, threads: int, folder: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(local_group_env(rank, world, port))
     from grn_core.runtime.distributed import ParallelPlan, branch_strategy
 
     plan = ParallelPlan.from_env("cpu", timeout_s=300)

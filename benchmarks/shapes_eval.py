@@ -167,12 +167,17 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def replace_section(path: Path, section: str, start: str, end: str) -> None:
+    """Put ``section`` (which starts with ``start`` and ends with ``end``) in place of the file's old one, or append
+    it when the file has none (the benchmarks' ``--write-md``)."""
     text = path.read_text() if path.is_file() else ""
-    section = _markdown(result)
-    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END) + "\n?", re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end) + "\n?", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else (text + ("\n" if text else "") + section)
     path.write_text(text)
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    replace_section(path, _markdown(result), SECTION_START, SECTION_END)
 
 
 def main(argv: list[str] | None = None) -> int:

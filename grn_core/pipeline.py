@@ -34,7 +34,8 @@ from .releases import I2V_FILE
 from .request import MAX_BUCKET_CELLS, MAX_LATENT_SIDE, _is_number, check_seed
 from .checkpoints import inspect_checkpoint, load_c2i, load_refiner, load_tokenizer, parse_dtype
 from .runtime.fp8 import Fp8Linear
-from .runtime.memory import decode_advice, format_bytes, oom_guard, refiner_step_bytes, step_advice
+from .runtime.memory import (decode_advice, format_bytes, oom_guard, parallel_step_bytes, refiner_step_bytes,
+                             step_advice)
 from .runtime.offload import OffloadPolicy, auto_policy, module_bytes, on_device
 from .runtime.precision import resolve_precision
 from .sampler import AdaptiveSteps, LatentRGBProjection, SamplerSettings, SamplingResult, StepInfo, bits_preview, sample_bits
@@ -595,18 +596,10 @@ def memory_need(model: GRNModel, width: int, height: int, frames: int, task: str
     if task == "i2v":
         t -= 1
     storage, compute = _refiner_dtypes(model.refiner)
-    mode, world = parallel
-    guided = float(guidance) != 1.0
-    if mode in ("cfg", "sp", "cfg+sp"):  # this rank's share of the step
-        from .runtime.memory import parallel_step_bytes
-
-        step = parallel_step_bytes(model.refiner.config, (max(t, 1), h, w), mode, world, text_tokens=text_tokens,
-                                   batch=batch_size, compute=compute, storage=storage,
-                                   first_frame=task == "i2v", guided=guided).activations
-    else:
-        step = refiner_step_bytes(model.refiner.config, (max(t, 1), h, w), text_tokens=text_tokens,
-                                  batch=batch_size, branches=2 if guided else 1, compute=compute,
-                                  first_frame=task == "i2v", storage=storage)
+    mode, world = parallel  # this rank's share of the step (one process: all of it)
+    step = parallel_step_bytes(model.refiner.config, (max(t, 1), h, w), mode, world, text_tokens=text_tokens,
+                               batch=batch_size, compute=compute, storage=storage, first_frame=task == "i2v",
+                               guided=float(guidance) != 1.0).activations
     weights = 0
     if device.type != "cpu" and model.offload.moves_models:  # weights come to the device for the stage
         if model.offload.mode == "blocks":
@@ -628,7 +621,7 @@ def check_memory(model: GRNModel, width: int, height: int, frames: int, task: st
     largest size (at this aspect and frame count) and the most frames (at this size) that fit.
 
     ``free``: ``(device bytes, host bytes)`` to compare with (default: :func:`available_memory` now); None entries
-    (unknown, e.g. no /proc/meminfo) are not checked. Estimates are those of ``refiner_step_bytes``, so a request
+    (unknown, e.g. no /proc/meminfo) are not checked. Estimates are those of ``parallel_step_bytes``, so a request
     just under the limit may still run out of memory (then ``GRNOutOfMemoryError`` says what to change)."""
     device = model.compute_device or model.device
     if free is None:

@@ -44,7 +44,6 @@ import logging
 import multiprocessing
 import os
 import pickle
-import socket
 import sys
 import threading
 import time
@@ -56,7 +55,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from grn_core.refiner.model import RefinerInterrupted
-from grn_core.runtime.distributed import DEFAULT_TIMEOUT_S, DistributedError
+from grn_core.runtime.distributed import DEFAULT_TIMEOUT_S, DistributedError, free_local_port, local_group_env
 from grn_core.runtime.memory import GRNOutOfMemoryError, format_bytes
 
 from .errors import LOAD, GRNNodeError, node_error
@@ -313,8 +312,7 @@ def _worker_main(rank: int, devices: Sequence[str], port: int, spec: dict, conn:
     if threads:
         torch.set_num_threads(int(threads))
     device = torch.device(devices[rank])
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(len(devices)), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      LOCAL_RANK=str(device.index if device.type == "cuda" else rank))
+    os.environ.update(local_group_env(rank, len(devices), port, device.index if device.type == "cuda" else rank))
     if sys.platform.startswith("linux") and os.path.isdir("/sys/class/net/lo"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers share this machine: loopback only
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
@@ -453,12 +451,6 @@ def _without_parent_main() -> Any:
             spawn.get_preparation_data = original
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ==== the pool, in the ComfyUI process ================================================================================
 
 _LIVE: "weakref.WeakSet[DevicePool]" = weakref.WeakSet()
@@ -546,7 +538,7 @@ class DevicePool:
 
             ctx = tmp.get_context("spawn")
             self._stop = ctx.Event()
-            port = _free_port()
+            port = free_local_port()
             pipes = [ctx.Pipe(duplex=True) for _ in self.devices]
             target = _worker_target()
             spec = dataclasses.asdict(self.model)

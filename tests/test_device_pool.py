@@ -22,7 +22,8 @@ import torch
 
 from grn_nodes.errors import GRNNodeError
 from grn_nodes.pool import DevicePool, DevicePoolError, PoolModel, parallel_mode, parse_devices
-from tests._fake_comfy import InterruptProcessingException, fake_comfy
+from tests._fake_comfy import InterruptProcessingException
+from tests.test_nodes_execute import comfy, fresh, nodes  # noqa: F401  (the node tests' fixtures: fake ComfyUI, models)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -39,27 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    from tests.test_nodes_execute import fill_models
-
-    root = tmp_path_factory.mktemp("models")
-    fill_models(root)  # the golden I2V refiner and its tokenizer under released names, as the node tests use them
-    with fake_comfy(root) as fake:
-        yield fake
-
-
-@pytest.fixture(autouse=True)
-def fresh(comfy):
-    comfy.reset()
-    yield
-
-
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    return comfy.nodes
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ give the single-process bits exactly; ``--parallel sp`` (Ulysses) gives the sing
 rounding at every step, and ``cfg+sp`` runs on 4 processes; mismatched model files, head counts the degree does not
 divide and a rank that dies are clear errors, never a hang.
 
-Each case spawns 2 fresh processes (``multiprocessing`` spawn, not ``torch.multiprocessing.spawn``: that one kills the
-survivors as soon as one process fails, and the dying-rank case needs the survivor's own error). A worker writes what
-happened to ``rank{r}.json``.
+Each case spawns fresh processes (``tests._ranks.spawn_ranks``); a worker writes what happened to ``rank{r}.json``.
 """
 
 from __future__ import annotations
@@ -13,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import multiprocessing
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -23,6 +19,7 @@ import pytest
 import torch
 
 from grn_core.cli import main
+from tests._ranks import join_group_env, spawn_ranks
 from grn_core.runtime.distributed import (CFGParallel, ParallelPlan, UlyssesSplit, check_parallel_mode,
                                           logits_exchange_bytes)
 
@@ -32,15 +29,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, job: str, arg, folder: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    join_group_env(rank, world, port)
     torch.set_num_threads(1)
     result: dict = {}
     started = time.monotonic()
@@ -138,17 +128,7 @@ def _sp_logit_errors(rank: int, world: int) -> dict:
 
 
 def _spawn(job: str, arg, folder: Path, world: int = 2, timeout: float = 60.0) -> list:
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, arg, str(folder))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s: a hang"
+    spawn_ranks(_worker, (job, arg, str(folder)), world, timeout)
     return [json.loads((folder / f"rank{r}.json").read_text()) if (folder / f"rank{r}.json").exists() else None
             for r in range(world)]
 

@@ -14,9 +14,6 @@ to ``rank{r}.pt`` and the test compares it with a single-process run.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from grn_core.runtime.memory import (ParallelLayoutError, parallel_layout, paral
 from grn_core.runtime.split import (SplitError, _decode_band, broadcast_features, decode_frames, decode_split,
                                     decode_tokens_split, plan_decode_split, stem_span, temporal_receptive_field)
 from grn_core.tokenizer import HBQTokenizer, TokenizerConfig
+from tests._ranks import join_group_env, spawn_ranks
 
 PROMPT = "a red circle moving right"
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -176,15 +174,8 @@ def test_a_gpu_short_of_memory_leaves_the_decode_to_rank_0_tiled(tiny, one_threa
 
 
 # ---- two processes ---------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, job: str, folder: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    join_group_env(rank, world, port)
     torch.set_num_threads(1)
     result: dict = {}
     started = time.monotonic()
@@ -245,17 +236,7 @@ def _features_job(plan: ParallelPlan) -> dict:
 
 
 def _spawn(job: str, folder: Path, world: int = 2, timeout: float = 90.0) -> list:
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(folder))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s: a hang"
+    spawn_ranks(_worker, (job, str(folder)), world, timeout)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

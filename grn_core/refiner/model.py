@@ -489,7 +489,7 @@ class GRNRefiner(nn.Module):
         run's sequences."""
         q, k, v = self._qkv(block, _rms_norm(x, block.input_layernorm), rope)
         if split is not None:  # my rows, all heads -> all rows, my heads (and back after attention)
-            q, k, v = (split.scatter_heads(t.contiguous()) for t in (q, k, v))
+            q, k, v = (split.scatter_heads(t) for t in (q, k, v))
             attn = self._attend(q, k, v, runs, layer, contexts, split)
             attn = split.gather_heads(attn.view(attn.shape[0], q.shape[1], -1)).flatten(1)
         else:

@@ -218,6 +218,22 @@ class ParallelPlan:
             self.backend = None
 
 
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now: ``MASTER_PORT`` for a group of processes on this machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_group_env(rank: int, world: int, port: int, local_rank: Optional[int] = None) -> dict:
+    """The variables torchrun would set for ``rank`` of ``world`` processes on this machine (for processes started
+    without torchrun: ComfyUI's device pool, tests, benchmarks); ``local_rank`` defaults to ``rank``."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank if local_rank is None else local_rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def check_parallel_mode(mode: Optional[str], world_size: int, heads: Optional[Tuple[int, int]] = None) -> None:
     """``--parallel`` against the number of processes and, when known, the refiner's ``(heads, kv_heads)``
     (ValueError listing what fits)."""
@@ -285,8 +301,8 @@ class UlyssesSplit:
         return out
 
     def scatter_heads(self, t: torch.Tensor) -> torch.Tensor:
-        n, heads, dim = t.shape
-        chunks = t.view(n, self.world, heads // self.world, dim).transpose(0, 1).contiguous()
+        # unflatten splits the head dim as a view (q, k, v are strided views of one buffer): one copy, the layout's
+        chunks = t.unflatten(1, (self.world, -1)).transpose(0, 1).contiguous()
         return self._all_to_all(chunks, "the sequence-parallel all-to-all before attention").flatten(0, 1)
 
     def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -425,5 +441,6 @@ def ulysses_bytes(seq: int, width: int, depth: int, bytes_per_value: int = 2, te
 
 
 __all__ = ["CFGParallel", "DistributedError", "PARALLEL_CHOICES", "ParallelPlan", "SequenceParallel", "UlyssesSplit",
-           "branch_strategy", "check_parallel_mode", "file_fingerprint", "logits_exchange_bytes", "sp_degree",
+           "branch_strategy", "check_parallel_mode", "file_fingerprint", "free_local_port", "local_group_env",
+           "logits_exchange_bytes", "sp_degree",
            "ulysses_bytes"]
