@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +25,11 @@ from typing import Iterator, Optional
 
 import pytest
 
+from grn_core.runtime.distributed import free_local_port
 from tests._golden import GOLDEN
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 USER_REFINER = "user_refiner.safetensors"  # listed from the user's extra model path, never loaded
@@ -74,7 +68,7 @@ def comfyui_server(work: Path, settings: Optional[dict] = None) -> Iterator[dict
     (user / "default").mkdir(parents=True)
     if settings:
         (user / "default" / "comfy.settings.json").write_text(json.dumps(settings))
-    port = free_port()
+    port = free_local_port()
     log = open(work / "server.log", "w")
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     proc = subprocess.Popen(
